@@ -1,0 +1,204 @@
+"""Command line: `brainray train | evaluate`. Parses flags into frozen configs; `ray.init` is here.
+
+Exit status 0 on success; on failure a one-line reason on stderr and status 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import sys
+import traceback
+
+from brainray.config import (
+    AUGMENT_LEVELS,
+    DEFAULT_CLASSES,
+    MODEL_NAMES,
+    PRECISIONS,
+    EvalConfig,
+    PreprocessConfig,
+    TrainConfig,
+)
+
+
+def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("object storage (credentials come from the AWS chain)")
+    group.add_argument("--s3-endpoint", default=None,
+                       help="S3-compatible endpoint URL, e.g. http://minio:9000 "
+                            "(default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS)")
+    group.add_argument("--s3-region", default=None,
+                       help="S3 region (default: $AWS_REGION or $AWS_DEFAULT_REGION, else "
+                            "us-east-1)")
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ray cluster")
+    group.add_argument("--address", default=None,
+                       help="Ray cluster address (default: $RAY_ADDRESS, as set by `ray job "
+                            "submit`, else start a local single-node Ray)")
+    gpu = group.add_mutually_exclusive_group()
+    gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
+                     help="one GPU per worker (default: auto, if the cluster has GPUs)")
+    gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="CPU only")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a classifier; with no flags, on the embedded sample",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig.__dataclass_fields__
+    io = p.add_argument_group("data and outputs")
+    io.add_argument("--data", default=None,
+                    help="labeled images: folder URI with one sub-folder per class, or a "
+                         "CSV/Parquet manifest with path,label (default: embedded sample)")
+    io.add_argument("--run-dir", default=None,
+                    help="where the run is written (local path or s3://); relaunching with the "
+                         "same run dir resumes it (default: ./runs/<timestamp>)")
+    io.add_argument("--test-data", default=None,
+                    help="held-out labeled test folder/manifest; default: a test split is carved "
+                         "out of --data")
+    io.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
+                    help="comma-separated class names = folder names, in output order")
+    m = p.add_argument_group("model and optimisation")
+    m.add_argument("--model", choices=MODEL_NAMES, default=d["model"].default,
+                   help="paper_cnn: the paper's network; bn_cnn: batch-norm + global pooling")
+    m.add_argument("--epochs", type=int, default=d["epochs"].default, help="maximum epochs")
+    m.add_argument("--batch-size", type=int, default=d["batch_size_per_worker"].default,
+                   help="images per batch per worker")
+    m.add_argument("--lr", type=float, default=d["lr"].default, help="peak Adam learning rate")
+    m.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
+    m.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"].default,
+                   help="epochs of linear learning-rate warm-up")
+    m.add_argument("--lr-schedule", choices=("cosine", "constant"),
+                   default=d["lr_schedule"].default, help="after warm-up")
+    m.add_argument("--patience", type=int, default=d["patience"].default,
+                   help="early stopping: epochs without validation-loss improvement")
+    m.add_argument("--augment", choices=AUGMENT_LEVELS, default=d["augment"].default,
+                   help="paper: rotation 30 deg, h/v flips, zoom/crop, brightness/contrast 0.2")
+    m.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
+                   help="auto: fp16 AMP on GPU, bf16 autocast on CPUs with native bf16")
+    m.add_argument("--image-size", type=int, default=PreprocessConfig.image_size,
+                   help="images are resized to this square size in pixels")
+    m.add_argument("--seed", type=int, default=d["seed"].default,
+                   help="seeds the split, shuffling, augmentation and initialisation")
+    s = p.add_argument_group("split")
+    s.add_argument("--val-fraction", type=float, default=d["val_fraction"].default)
+    s.add_argument("--test-fraction", type=float, default=d["test_fraction"].default)
+    s.add_argument("--dedup-max-hamming", type=int, default=d["dedup_max_hamming"].default,
+                   help="images whose 64-bit perceptual hashes differ in at most this many bits "
+                        "are near-duplicates and stay in one split")
+    c = p.add_argument_group("workers")
+    c.add_argument("--num-workers", type=int, default=d["num_workers"].default,
+                   help="Ray Train (DDP) workers")
+    c.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"].default,
+                   help="CPUs reserved per worker; also its torch thread count")
+    c.add_argument("--torch-threads", type=int, default=d["torch_threads"].default,
+                   help="intra-op threads per worker; 0 = the node's cores / its workers")
+    c.add_argument("--max-failures", type=int, default=d["max_failures"].default,
+                   help="restarts from the latest checkpoint after a worker dies")
+    _add_cluster_flags(p)
+    _add_storage_flags(p)
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics and plots of a trained model on labeled data",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
+    p.add_argument("--data", required=True, help="labeled folder (one sub-folder per class) or "
+                                                 "CSV/Parquet manifest")
+    p.add_argument("--output", required=True, help="directory URI for metrics.json and plots")
+    p.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
+    p.add_argument("--num-actors", type=int, default=1, help="inference actors (model copies)")
+    _add_cluster_flags(p)
+    _add_storage_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    return parser
+
+
+def _storage(args):
+    from brainray.storage import storage_options
+
+    return storage_options(args.s3_endpoint, args.s3_region)
+
+
+def train_config(args) -> TrainConfig:
+    from brainray.data import sample_data_dir
+
+    run_dir = args.run_dir or os.path.join(
+        "runs", dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"))
+    return TrainConfig(
+        data=args.data or sample_data_dir(), run_dir=run_dir, test_data=args.test_data,
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+        model=args.model, epochs=args.epochs, batch_size_per_worker=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        lr_schedule=args.lr_schedule, patience=args.patience, augment=args.augment,
+        num_workers=args.num_workers, use_gpu=bool(args.use_gpu),
+        cpus_per_worker=args.cpus_per_worker, torch_threads=args.torch_threads,
+        precision=args.precision, seed=args.seed,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        dedup_max_hamming=args.dedup_max_hamming, max_failures=args.max_failures,
+        preprocess=PreprocessConfig(image_size=args.image_size), storage=_storage(args))
+
+
+def eval_config(args) -> EvalConfig:
+    return EvalConfig(model=args.model, data=args.data, output=args.output,
+                      batch_size=args.batch_size, num_actors=args.num_actors,
+                      use_gpu=bool(args.use_gpu), storage=_storage(args))
+
+
+def init_ray(address: str | None, use_gpu: bool | None) -> bool:
+    """Connect to the cluster (or start a local one); resolve --use-gpu's auto default."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        print(f"GPUs {'found' if use_gpu else 'not found'} in the cluster: "
+              f"{'using' if use_gpu else 'not using'} them", flush=True)
+    return use_gpu
+
+
+def _fail(command: str, exc: BaseException) -> None:
+    from brainray.storage import redact
+
+    if os.environ.get("BRAINRAY_DEBUG"):
+        traceback.print_exception(exc)
+    message = redact(str(exc)).strip().splitlines()
+    reason = message[0] if message else type(exc).__name__
+    print(f"brainray {command}: error: {reason}", file=sys.stderr)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        # A bad flag value fails here, before Ray starts.
+        config = train_config(args) if args.command == "train" else eval_config(args)
+    except ValueError as exc:
+        _fail(args.command, exc)
+        return 2
+    try:
+        config = dataclasses.replace(config, use_gpu=init_ray(args.address, args.use_gpu))
+        if args.command == "train":
+            from brainray.train_job import run_training
+
+            run_training(config)
+        else:
+            from brainray.evaluate import run_evaluation
+
+            run_evaluation(config)
+    except Exception as exc:  # the job's last word must be one readable line
+        _fail(args.command, exc)
+        return 1
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,155 @@
+"""Frozen configuration of each job, the class list and the column names shared by all modules.
+
+Configs are plain data: the CLI builds them, jobs print them at start and save them with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from brainray.split import DEFAULT_MAX_HAMMING
+
+DEFAULT_CLASSES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
+
+# Column names of the Ray Data pipeline, named once so producers and consumers cannot drift.
+COL_PATH = "path"
+COL_BYTES = "bytes"
+COL_IMAGE = "image"
+COL_LABEL = "label"
+COL_LABEL_NAME = "label_name"
+COL_SHA256 = "sha256"
+COL_FINGERPRINT = "fingerprint"
+COL_ERROR = "error"
+COL_SPLIT = "split"
+COL_GROUP = "group"
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp")
+
+MODEL_NAMES: tuple[str, ...] = ("paper_cnn", "bn_cnn")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+AUGMENT_LEVELS: tuple[str, ...] = ("paper", "light", "none")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Deterministic preprocessing; stored in every checkpoint so scoring matches training."""
+
+    image_size: int = 224
+    max_image_pixels: int = 64_000_000  # refuse decompression bombs before decoding
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only random augmentation, applied per image on top of the preprocessing."""
+
+    rotation_deg: float = 30.0
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.5
+    zoom_min: float = 0.85  # <1 zooms out (image shrinks, border padded), >1 crops in
+    zoom_max: float = 1.15
+    translate_fraction: float = 0.05
+    brightness: float = 0.2  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.2
+
+    @classmethod
+    def preset(cls, level: str) -> AugmentConfig | None:
+        if level == "none":
+            return None
+        if level == "light":
+            return cls(rotation_deg=10.0, vflip_prob=0.0, zoom_min=0.95, zoom_max=1.05,
+                       translate_fraction=0.03, brightness=0.1, contrast=0.1)
+        if level == "paper":
+            return cls()
+        raise ValueError(f"unknown augmentation level {level!r}; choose one of {AUGMENT_LEVELS}")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage. Credentials never live here: they come from the AWS chain."""
+
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO/moto; None = AWS
+    s3_region: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Saved as config.json in the run directory."""
+
+    data: str  # folder URI (one sub-folder per class) or a CSV/Parquet manifest with path,label
+    run_dir: str  # local path or s3:// prefix; relaunching with the same run_dir resumes
+    test_data: str | None = None  # held-out labeled data; otherwise a test split is carved out
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    model: str = "paper_cnn"
+    epochs: int = 30
+    batch_size_per_worker: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_epochs: int = 1
+    lr_schedule: str = "cosine"  # "cosine" decays to 0 over `epochs`; "constant"
+    patience: int = 6  # epochs without validation-loss improvement before stopping
+    augment: str = "paper"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # 0 = auto: the node's cores shared among its workers
+    precision: str = "auto"  # auto: bf16 autocast on CPUs that support it, fp16 AMP on GPU
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    dedup_max_hamming: int = DEFAULT_MAX_HAMMING
+    max_failures: int = 2
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.model in MODEL_NAMES, f"model must be one of {MODEL_NAMES}"),
+            (self.augment in AUGMENT_LEVELS, f"augment must be one of {AUGMENT_LEVELS}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be cosine or constant"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size_per_worker >= 1, "batch size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.patience >= 1, "patience must be >= 1"),
+            (self.num_workers >= 1, "num_workers must be >= 1"),
+            (len(set(self.classes)) == len(self.classes) >= 2, "classes must be >= 2 unique names"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (0 <= self.test_fraction < 1, "test_fraction must be in [0, 1)"),
+            (self.test_fraction > 0 or self.test_data is not None,
+             "test_fraction must be > 0 unless test_data is given"),
+            (self.val_fraction + self.test_fraction < 1, "val + test fractions must be < 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def split_fractions(self) -> dict[str, float]:
+        if self.test_data is not None:
+            return {"train": 1.0 - self.val_fraction, "val": self.val_fraction}
+        train = 1.0 - self.val_fraction - self.test_fraction
+        return {"train": train, "val": self.val_fraction, "test": self.test_fraction}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of a trained checkpoint on labeled data."""
+
+    model: str  # checkpoint file URI or run directory URI
+    data: str
+    output: str
+    batch_size: int = 64
+    num_actors: int = 1
+    use_gpu: bool = False
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+def to_dict(config) -> dict:
+    """Plain-JSON view of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def to_json(config) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)

@@ -1,0 +1,201 @@
+"""Ray Data wiring: list and read labeled images, decode once, fingerprint, split without leakage.
+
+Images are decoded and preprocessed once into uint8 arrays and materialized in the object store;
+only a small metadata index (path, label, hashes, error) ever reaches the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.data
+from ray.data import RandomSeedConfig
+
+from brainray import split as splitting
+from brainray import storage
+from brainray.config import (
+    COL_BYTES,
+    COL_ERROR,
+    COL_FINGERPRINT,
+    COL_GROUP,
+    COL_IMAGE,
+    COL_LABEL,
+    COL_PATH,
+    COL_SHA256,
+    COL_SPLIT,
+    IMAGE_EXTENSIONS,
+    PreprocessConfig,
+    StorageOptions,
+)
+from brainray.transforms import ImageDecodeError, decode_image, preprocess_image
+
+INDEX_COLUMNS = [COL_PATH, COL_LABEL, COL_SHA256, COL_FINGERPRINT, COL_ERROR]
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+def sample_data_dir() -> str:
+    """The small labeled sample shipped inside the package (CC0 images, one folder per class)."""
+    return str(resources.files("brainray") / "sample_data")
+
+
+def _label_from_path(path: str, root: str, classes: list[str]) -> tuple[int, str]:
+    relative = path[len(root):].lstrip("/") if path.startswith(root) else path
+    parts = relative.split("/")
+    if len(parts) < 2:
+        return -1, f"not inside a class folder (expected <root>/<class>/<file>): {relative}"
+    if parts[0] not in classes:
+        return -1, f"folder {parts[0]!r} is not one of the classes {classes}"
+    return classes.index(parts[0]), ""
+
+
+def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
+                         preprocess: PreprocessConfig, root: str | None,
+                         uri_prefix: str = "") -> dict[str, np.ndarray]:
+    """Bytes -> preprocessed image, label, content hash and perceptual fingerprint, per row.
+
+    A row that cannot be decoded keeps its path and gets an `error` and label -1 instead of
+    raising, so one bad file never fails the job. `root` is None when labels come from a manifest.
+    `uri_prefix` ("s3://" for S3) turns filesystem paths back into the URIs users know.
+    """
+    n = len(batch[COL_PATH])
+    size = preprocess.image_size
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    labels = np.full(n, -1, dtype=np.int64)
+    fingerprints = np.zeros(n, dtype=np.uint64)
+    sha256s, errors = [], []
+    for i in range(n):
+        data = batch[COL_BYTES][i]
+        sha256s.append(hashlib.sha256(data).hexdigest())
+        if root is not None:
+            label, error = _label_from_path(str(batch[COL_PATH][i]), root, classes)
+        else:
+            label, error = int(batch[COL_LABEL][i]), ""
+        if not error:
+            try:
+                image = decode_image(data, preprocess.max_image_pixels)
+                images[i] = preprocess_image(image, preprocess)
+                fingerprints[i] = splitting.image_fingerprint(image)
+            except ImageDecodeError as exc:
+                error = str(exc)
+        labels[i] = label if not error else -1
+        errors.append(error)
+    paths = np.array([uri_prefix + str(p) for p in batch[COL_PATH]], dtype=object)
+    return {COL_PATH: paths, COL_IMAGE: images, COL_LABEL: labels,
+            COL_SHA256: np.array(sha256s), COL_FINGERPRINT: fingerprints,
+            COL_ERROR: np.array(errors, dtype=object)}
+
+
+def _read_manifest(uri: str, classes: list[str], options: StorageOptions) -> ray.data.Dataset:
+    """A CSV/Parquet manifest (path,label) -> dataset of path, label index and file bytes."""
+    fs, path = storage.resolve(uri, options)
+    reader = ray.data.read_csv if uri.endswith(".csv") else ray.data.read_parquet
+    manifest = reader(path, filesystem=fs)
+    missing = {COL_PATH, COL_LABEL} - set(manifest.schema().names)
+    if missing:
+        raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; needs path,label")
+    base = posixpath.dirname(uri) if storage.is_s3(uri) else posixpath.dirname(
+        storage.resolve(uri)[1])
+    return manifest.map_batches(_fetch_manifest_rows, batch_format="pandas",
+                                fn_kwargs={"classes": classes, "base": base, "options": options})
+
+
+def _fetch_manifest_rows(frame: pd.DataFrame, *, classes: list[str], base: str,
+                         options: StorageOptions) -> pd.DataFrame:
+    paths, labels, payloads = [], [], []
+    for raw_path, raw_label in zip(frame[COL_PATH].astype(str), frame[COL_LABEL].astype(str),
+                                     strict=True):
+        uri = raw_path if (storage.is_s3(raw_path) or raw_path.startswith("/")) else storage.join(
+            base, raw_path)
+        paths.append(uri)
+        try:
+            payloads.append(storage.read_bytes(uri, options))
+        except storage.StorageError:
+            payloads.append(b"")  # decoded as "empty file" and reported with its path
+        labels.append(classes.index(raw_label) if raw_label in classes else -1)
+    return pd.DataFrame({COL_PATH: paths, COL_LABEL: labels, COL_BYTES: payloads})
+
+
+def read_labeled_images(uri: str, classes: list[str], preprocess: PreprocessConfig,
+                        options: StorageOptions) -> ray.data.Dataset:
+    """Lazily read a class-folder tree or a manifest into decoded, labeled, fingerprinted rows."""
+    storage.ensure_readable_dir(uri, options)
+    if uri.lower().endswith(MANIFEST_SUFFIXES):
+        raw, root, prefix = _read_manifest(uri, classes, options), None, ""
+    else:
+        fs, root = storage.resolve(uri, options)
+        prefix = "s3://" if storage.is_s3(uri) else ""
+        extensions = [e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())]
+        raw = ray.data.read_binary_files(root, include_paths=True, filesystem=fs,
+                                         file_extensions=extensions)
+    return raw.map_batches(decode_labeled_batch, batch_size=64, fn_kwargs={
+        "classes": list(classes), "preprocess": preprocess, "root": root, "uri_prefix": prefix})
+
+
+@dataclass
+class LabeledData:
+    """Decoded images in the object store plus the small index the driver splits on."""
+
+    dataset: ray.data.Dataset  # materialized rows: path, image, label, sha256, fingerprint, error
+    index: pd.DataFrame  # one row per file: path, label, sha256, fingerprint, error
+
+
+def load_labeled(uri: str, classes: list[str], preprocess: PreprocessConfig,
+                 options: StorageOptions) -> LabeledData:
+    dataset = read_labeled_images(uri, classes, preprocess, options).materialize()
+    index = dataset.select_columns(INDEX_COLUMNS).to_pandas()
+    if index.empty:
+        raise ValueError(f"no image files found under {storage.redact(uri)} "
+                         f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+    index = index.sort_values(COL_PATH, kind="stable").reset_index(drop=True)
+    if (index[COL_ERROR] == "").sum() == 0:
+        raise ValueError(f"none of the {len(index)} files under {storage.redact(uri)} "
+                         f"could be used; first error: {index[COL_ERROR].iloc[0]}")
+    return LabeledData(dataset=dataset, index=index)
+
+
+def assign_splits(index: pd.DataFrame, fractions: dict[str, float], seed: int,
+                  max_hamming: int, held_out: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Add `group` and `split` columns to the usable rows of `index` (sorted by path).
+
+    Exact and near-duplicates share a group and so a split. With `held_out` (a user-given test
+    set), training rows that duplicate any held-out image are marked split "dropped_test_overlap".
+    """
+    usable = index[index[COL_ERROR] == ""].reset_index(drop=True)
+    frames = [usable] if held_out is None else [
+        usable, held_out[held_out[COL_ERROR] == ""].reset_index(drop=True)]
+    combined = pd.concat(frames, ignore_index=True)
+    groups = splitting.group_duplicates(combined[COL_SHA256].tolist(),
+                                        combined[COL_FINGERPRINT].astype(np.uint64).tolist(),
+                                        max_hamming)
+    usable = usable.assign(**{COL_GROUP: groups[:len(usable)]})
+    usable[COL_SPLIT] = splitting.stratified_group_split(
+        usable[COL_LABEL].to_numpy(), usable[COL_GROUP].to_numpy(), fractions, seed)
+    if held_out is not None:
+        overlapping = set(groups[len(usable):].tolist())
+        usable.loc[usable[COL_GROUP].isin(overlapping), COL_SPLIT] = "dropped_test_overlap"
+    return usable
+
+
+def _keep_paths(batch: dict[str, np.ndarray], *, paths: frozenset[str],
+                columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    names = batch[COL_PATH]
+    keep = np.fromiter((p in paths for p in names), dtype=bool, count=len(names))
+    return {column: batch[column][keep] for column in columns}
+
+
+def select_rows(dataset: ray.data.Dataset, paths,
+                columns: tuple[str, ...] = (COL_IMAGE, COL_LABEL)) -> ray.data.Dataset:
+    """The given columns of the rows whose path is in `paths` (a split, or the usable rows)."""
+    return dataset.map_batches(_keep_paths, fn_kwargs={"paths": frozenset(paths),
+                                                       "columns": columns})
+
+
+def shuffled_each_epoch(dataset: ray.data.Dataset, seed: int) -> ray.data.Dataset:
+    """A global shuffle that draws a new, seed-determined order every time it is iterated."""
+    return dataset.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))

@@ -1,0 +1,161 @@
+"""The networks and their self-describing checkpoints.
+
+A checkpoint is one dict of tensors and plain Python values (weights, class names,
+preprocessing, config, metrics), so `torch.load(weights_only=True)` can read it and nothing
+else is needed to score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+
+import torch
+from torch import nn
+
+from brainray.config import MODEL_NAMES, PreprocessConfig
+
+CHECKPOINT_FORMAT = "brainray-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, unsafe, or does not match what the caller expects."""
+
+
+class PaperCNN(nn.Module):
+    """The paper's network: 3 x [conv3x3 + ReLU + maxpool 2x2], flatten, dense + ReLU, dropout."""
+
+    def __init__(self, num_classes: int, image_size: int = 224, hidden: int = 128,
+                 dropout: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [3, 32, 64, 128]
+        for c_in, c_out in itertools.pairwise(channels):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        side = image_size // 8
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels[-1] * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class BNCNN(nn.Module):
+    """A stronger from-scratch net: conv-BN-ReLU stages with global average pooling.
+
+    Global pooling removes the paper's 12.8M-parameter dense layer, which is what lets this model
+    generalise from a few thousand images; the stride-2 stem keeps compute near the paper CNN's.
+    """
+
+    def __init__(self, num_classes: int, image_size: int = 224, dropout: float = 0.3):
+        super().__init__()
+        widths = [32, 64, 128, 256]
+        stages: list[nn.Module] = [_conv_bn(3, widths[0], stride=2), _conv_bn(widths[0], widths[0]),
+                                   nn.MaxPool2d(2)]
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)):
+            stages += [_conv_bn(c_in, c_out), _conv_bn(c_out, c_out)]
+            if i < len(widths) - 2:
+                stages.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*stages)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                        nn.Linear(widths[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+_MODELS = {"paper_cnn": PaperCNN, "bn_cnn": BNCNN}
+assert set(_MODELS) == set(MODEL_NAMES)
+
+
+def build_model(name: str, num_classes: int, image_size: int = 224) -> nn.Module:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
+    return _MODELS[name](num_classes=num_classes, image_size=image_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under a DistributedDataParallel wrapper, if any."""
+    return model.module if hasattr(model, "module") else model
+
+
+def weights_id(state_dict: dict[str, torch.Tensor]) -> str:
+    """A stable short hash of the weights: identifies the exact model that produced a score."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def make_checkpoint(model: nn.Module, *, model_name: str, classes: list[str] | tuple[str, ...],
+                    preprocess: PreprocessConfig, config: dict, metrics: dict,
+                    epoch: int) -> dict:
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": model_name,
+        "model_id": weights_id(state),
+        "classes": list(classes),
+        "preprocess": {"image_size": preprocess.image_size,
+                       "max_image_pixels": preprocess.max_image_pixels},
+        "config": config,
+        "metrics": metrics,
+        "epoch": epoch,
+        "state_dict": state,
+    }
+
+
+def serialize(checkpoint: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def deserialize(data: bytes, source: str = "checkpoint",
+                expected_classes: list[str] | tuple[str, ...] | None = None) -> dict:
+    """Load with weights_only=True (refuses pickled code) and validate what the file claims."""
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(
+            f"{source} cannot be loaded safely (weights_only=True): {str(exc).splitlines()[0]}"
+        ) from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source} is not a brainray checkpoint ({CHECKPOINT_FORMAT})")
+    if checkpoint["model_name"] not in _MODELS:
+        raise CheckpointError(f"{source} names unknown model {checkpoint['model_name']!r}")
+    if expected_classes is not None and list(expected_classes) != checkpoint["classes"]:
+        raise CheckpointError(f"{source} was trained on classes {checkpoint['classes']}, "
+                              f"not {list(expected_classes)}")
+    if weights_id(checkpoint["state_dict"]) != checkpoint["model_id"]:
+        raise CheckpointError(f"{source}: weights do not match their recorded model_id")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """An eval-mode model with the checkpoint's weights, on the CPU."""
+    model = build_model(checkpoint["model_name"], len(checkpoint["classes"]),
+                        checkpoint["preprocess"]["image_size"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def preprocess_config(checkpoint: dict) -> PreprocessConfig:
+    return PreprocessConfig(**checkpoint["preprocess"])

@@ -1,0 +1,177 @@
+"""The training job's driver: read and split the data, run the TorchTrainer, write the run report.
+
+A run directory (local or s3://) ends up holding: config.json, split.parquet, the Ray Train
+checkpoints, model.pt (the best model), metrics.json, predictions.parquet and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+
+import pandas as pd
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from brainray import metrics as metric_fns
+from brainray import split as splitting
+from brainray import storage
+from brainray.config import (
+    COL_ERROR,
+    COL_GROUP,
+    COL_LABEL,
+    COL_PATH,
+    COL_SHA256,
+    COL_SPLIT,
+    TrainConfig,
+    to_dict,
+    to_json,
+)
+from brainray.data import LabeledData, assign_splits, load_labeled, select_rows, shuffled_each_epoch
+from brainray.evaluate import (
+    compute_metrics,
+    predict_labeled,
+    predictions_table,
+    skipped_files,
+    write_report,
+)
+from brainray.model import count_parameters, deserialize, model_from_checkpoint
+from brainray.train import MODEL_FILE, TRAIN_STATE_FILE, train_loop_per_worker
+
+# Changing these on a relaunch would silently train a different experiment under the same name.
+_RESUME_MUST_MATCH = ("data", "test_data", "classes", "model", "seed", "val_fraction",
+                      "test_fraction", "dedup_max_hamming", "preprocess")
+
+
+def _check_resume(config: TrainConfig) -> None:
+    uri = storage.join(config.run_dir, "config.json")
+    if not storage.exists(uri, config.storage):
+        return
+    previous, current = storage.read_json(uri, config.storage), to_dict(config)
+    changed = [k for k in _RESUME_MUST_MATCH if previous.get(k) != current.get(k)]
+    if changed:
+        raise ValueError(f"{storage.redact(config.run_dir)} holds a run with different "
+                         f"{', '.join(changed)}; use a new --run-dir or the same settings")
+    print(f"resuming the run in {storage.redact(config.run_dir)}", flush=True)
+
+
+def _run_config(config: TrainConfig) -> ray.train.RunConfig:
+    fs, path = storage.resolve(config.run_dir, config.storage)
+    parent, name = posixpath.split(path.rstrip("/"))
+    return ray.train.RunConfig(
+        name=name, storage_path=parent, storage_filesystem=fs,
+        # The latest checkpoint is always kept too (for resume), besides the best by val loss.
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
+        failure_config=ray.train.FailureConfig(max_failures=config.max_failures))
+
+
+def _loop_config(config: TrainConfig, n_train: int) -> dict:
+    return {**to_dict(config), "config": to_dict(config), "n_train": n_train}
+
+
+def prepare_splits(config: TrainConfig) -> tuple[LabeledData, LabeledData | None, pd.DataFrame]:
+    classes = list(config.classes)
+    labeled = load_labeled(config.data, classes, config.preprocess, config.storage)
+    held_out = (load_labeled(config.test_data, classes, config.preprocess, config.storage)
+                if config.test_data else None)
+    index = assign_splits(labeled.index, config.split_fractions, config.seed,
+                          config.dedup_max_hamming, held_out.index if held_out else None)
+    return labeled, held_out, index
+
+
+def _split_summary(index: pd.DataFrame, classes: list[str]) -> dict:
+    summary = splitting.split_report(index[COL_LABEL].to_numpy(), index[COL_GROUP].to_numpy(),
+                                     index[COL_SPLIT].to_numpy(), classes)
+    summary["method"] = ("exact duplicates (same sha256) and near-duplicates (perceptual dHash "
+                         "within the Hamming distance) are grouped; whole groups are assigned to "
+                         "one split, stratified by class")
+    return summary
+
+
+def _print_split(summary: dict) -> None:
+    print(f"split: {summary['n_images']} images in {summary['n_groups']} groups; "
+          f"{summary['n_duplicate_groups']} duplicate groups hold "
+          f"{summary['n_images_in_duplicate_groups']} images and are kept within one split",
+          flush=True)
+    for name, counts in summary["counts"].items():
+        print(f"  {name:>22}: {sum(counts.values()):5d}  {counts}", flush=True)
+
+
+def _best_model(result, config: TrainConfig) -> tuple[dict, list[dict]]:
+    """Copy the best checkpoint's model to run_dir/model.pt; return it and the epoch history."""
+    best = result.get_best_checkpoint(metric="val_loss", mode="min")
+    best_uri = storage.join(storage.to_uri(best.filesystem, best.path), MODEL_FILE)
+    model_bytes = storage.read_bytes(best_uri, config.storage)
+    storage.write_bytes(storage.join(config.run_dir, MODEL_FILE), model_bytes, config.storage)
+    latest = result.checkpoint
+    with latest.as_directory() as directory:
+        state = torch.load(posixpath.join(directory, TRAIN_STATE_FILE), weights_only=True)
+    return deserialize(model_bytes, source=best_uri), state["loop_state"]["history"]
+
+
+def run_training(config: TrainConfig) -> dict:
+    print("brainray train\n" + to_json(config), flush=True)
+    options = config.storage
+    storage.ensure_writable(config.run_dir, options)
+    _check_resume(config)
+    storage.write_text(storage.join(config.run_dir, "config.json"), to_json(config), options)
+    classes = list(config.classes)
+
+    labeled, held_out, index = prepare_splits(config)
+    split_summary = _split_summary(index, classes)
+    _print_split(split_summary)
+    storage.write_bytes(storage.join(config.run_dir, "split.parquet"), index[
+        [COL_PATH, COL_LABEL, COL_SHA256, COL_GROUP, COL_SPLIT]].to_parquet(index=False), options)
+    paths = {name: index.loc[index[COL_SPLIT] == name, COL_PATH] for name in ("train", "val",
+                                                                            "test")}
+    if min(len(paths["train"]), len(paths["val"])) == 0:
+        raise ValueError("too few usable images to make non-empty train and validation splits")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=_loop_config(config, len(paths["train"])),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=_run_config(config),
+        datasets={"train": shuffled_each_epoch(select_rows(labeled.dataset, paths["train"]),
+                                               config.seed),
+                  "val": select_rows(labeled.dataset, paths["val"])},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall_s = time.perf_counter() - started
+    checkpoint, history = _best_model(result, config)
+
+    test_source = held_out if held_out is not None else labeled
+    test_paths = (held_out.index.loc[held_out.index[COL_ERROR] == "", COL_PATH]
+                  if held_out is not None else paths["test"])
+    predictions = predict_labeled(test_source.dataset, test_paths,
+                                  storage.join(config.run_dir, MODEL_FILE), options,
+                                  use_gpu=config.use_gpu)
+    test = compute_metrics(predictions, classes)
+    images_trained = sum(h["train_images"] for h in history)
+    report = {
+        **test,
+        "model_name": config.model, "model_id": checkpoint["model_id"],
+        "n_parameters": count_parameters(model_from_checkpoint(checkpoint)),
+        "best_epoch": checkpoint["epoch"], "history": history,
+        "training_wall_s": wall_s,
+        "training_images_per_s": images_trained / max(sum(h["train_seconds"] for h in history),
+                                                      1e-9),
+        "split": split_summary,
+        "skipped_files": skipped_files(labeled.index) + (
+            skipped_files(held_out.index) if held_out is not None else []),
+        "config": to_dict(config),
+    }
+    write_report(config.run_dir, report, options, predictions_table(predictions, classes), history)
+    print(f"test set ({test['n_images']} images, best epoch {checkpoint['epoch']}):\n"
+          + metric_fns.format_summary(test), flush=True)
+    if report["skipped_files"]:
+        print(f"skipped {len(report['skipped_files'])} unreadable file(s), listed in metrics.json:")
+        for item in report["skipped_files"][:10]:
+            print(f"  {item['path']}: {item['error']}")
+    print(f"run written to {storage.redact(config.run_dir)}", flush=True)
+    return report
