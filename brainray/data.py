@@ -26,6 +26,7 @@ from brainray.config import (
     COL_GROUP,
     COL_IMAGE,
     COL_LABEL,
+    COL_LABEL_NAME,
     COL_PATH,
     COL_SHA256,
     COL_SPLIT,
@@ -54,6 +55,12 @@ def _label_from_path(path: str, root: str, classes: list[str]) -> tuple[int, str
     return classes.index(parts[0]), ""
 
 
+def _label_from_manifest(name: str, classes: list[str]) -> tuple[int, str]:
+    if name not in classes:
+        return -1, f"manifest label {name!r} is not one of the classes {classes}"
+    return classes.index(name), ""
+
+
 def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
                          preprocess: PreprocessConfig, root: str | None,
                          uri_prefix: str = "") -> dict[str, np.ndarray]:
@@ -75,7 +82,7 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
         if root is not None:
             label, error = _label_from_path(str(batch[COL_PATH][i]), root, classes)
         else:
-            label, error = int(batch[COL_LABEL][i]), ""
+            label, error = _label_from_manifest(str(batch[COL_LABEL_NAME][i]), classes)
         if not error:
             try:
                 image = decode_image(data, preprocess.max_image_pixels)
@@ -91,25 +98,27 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
             COL_ERROR: np.array(errors, dtype=object)}
 
 
-def _read_manifest(uri: str, classes: list[str], options: StorageOptions) -> ray.data.Dataset:
-    """A CSV/Parquet manifest (path,label) -> dataset of path, label index and file bytes."""
+def _read_manifest(uri: str, options: StorageOptions) -> ray.data.Dataset:
+    """A CSV/Parquet manifest (path,label) -> dataset of path, label name and file bytes.
+
+    Relative paths are resolved against the manifest's own folder.
+    """
     fs, path = storage.resolve(uri, options)
-    reader = ray.data.read_csv if uri.endswith(".csv") else ray.data.read_parquet
+    reader = ray.data.read_csv if uri.lower().endswith(".csv") else ray.data.read_parquet
     manifest = reader(path, filesystem=fs)
     missing = {COL_PATH, COL_LABEL} - set(manifest.schema().names)
     if missing:
-        raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; needs path,label")
-    base = posixpath.dirname(uri) if storage.is_s3(uri) else posixpath.dirname(
-        storage.resolve(uri)[1])
+        raise ValueError(f"manifest {storage.redact(uri)} lacks column(s) {sorted(missing)}; "
+                         "it needs path,label")
+    base = storage.to_uri(fs, posixpath.dirname(path))
     return manifest.map_batches(_fetch_manifest_rows, batch_format="pandas",
-                                fn_kwargs={"classes": classes, "base": base, "options": options})
+                                fn_kwargs={"base": base, "options": options})
 
 
-def _fetch_manifest_rows(frame: pd.DataFrame, *, classes: list[str], base: str,
+def _fetch_manifest_rows(frame: pd.DataFrame, *, base: str,
                          options: StorageOptions) -> pd.DataFrame:
-    paths, labels, payloads = [], [], []
-    for raw_path, raw_label in zip(frame[COL_PATH].astype(str), frame[COL_LABEL].astype(str),
-                                     strict=True):
+    paths, payloads = [], []
+    for raw_path in frame[COL_PATH].astype(str):
         uri = raw_path if (storage.is_s3(raw_path) or raw_path.startswith("/")) else storage.join(
             base, raw_path)
         paths.append(uri)
@@ -117,8 +126,8 @@ def _fetch_manifest_rows(frame: pd.DataFrame, *, classes: list[str], base: str,
             payloads.append(storage.read_bytes(uri, options))
         except storage.StorageError:
             payloads.append(b"")  # decoded as "empty file" and reported with its path
-        labels.append(classes.index(raw_label) if raw_label in classes else -1)
-    return pd.DataFrame({COL_PATH: paths, COL_LABEL: labels, COL_BYTES: payloads})
+    return pd.DataFrame({COL_PATH: paths, COL_LABEL_NAME: frame[COL_LABEL].astype(str).to_numpy(),
+                         COL_BYTES: payloads})
 
 
 def read_labeled_images(uri: str, classes: list[str], preprocess: PreprocessConfig,
@@ -126,7 +135,7 @@ def read_labeled_images(uri: str, classes: list[str], preprocess: PreprocessConf
     """Lazily read a class-folder tree or a manifest into decoded, labeled, fingerprinted rows."""
     storage.ensure_readable_dir(uri, options)
     if uri.lower().endswith(MANIFEST_SUFFIXES):
-        raw, root, prefix = _read_manifest(uri, classes, options), None, ""
+        raw, root, prefix = _read_manifest(uri, options), None, ""
     else:
         fs, root = storage.resolve(uri, options)
         prefix = "s3://" if storage.is_s3(uri) else ""

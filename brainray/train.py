@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,9 +49,12 @@ def update_early_stopping(state: LoopState, val_loss: float, epoch: int, patienc
     return state.epochs_since_best >= patience
 
 
-def print0(*args) -> None:
+def print0(message: str) -> None:
+    """Print once, from rank 0. Bypasses Ray Train's patched `print`, which echoes every line
+    twice (to its logger and to the captured stdout) on the driver."""
     if ray.train.get_context().get_world_rank() == 0:
-        print(*args, flush=True)
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
 
 
 def lr_factor(step: int, steps_per_epoch: int, config: dict) -> float:
@@ -100,9 +104,9 @@ def train_one_epoch(model, optimizer, scaler, shard, loop: dict, epoch: int, sta
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         now = time.perf_counter()
-        if rank == 0 and now - last_print > PROGRESS_INTERVAL_S:
-            print(f"  epoch {epoch + 1}: {seen} images, loss {loss_sum / seen:.4f}, "
-                  f"{seen / (now - started):.1f} img/s on this worker", flush=True)
+        if now - last_print > PROGRESS_INTERVAL_S:
+            print0(f"  epoch {epoch + 1}: {seen} images, loss {loss_sum / seen:.4f}, "
+                   f"{seen / (now - started):.1f} img/s on this worker")
             last_print = now
     elapsed = time.perf_counter() - started
     loss_sum, correct, seen, elapsed_max = _all_reduce_sums(
