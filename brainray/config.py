@@ -39,6 +39,12 @@ class PreprocessConfig:
     image_size: int = 224
     max_image_pixels: int = 64_000_000  # refuse decompression bombs before decoding
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.image_size <= 4096:
+            raise ValueError(f"image size must be between 1 and 4096 pixels, not {self.image_size}")
+        if self.max_image_pixels < 1:
+            raise ValueError("max image pixels must be >= 1")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -110,6 +116,7 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be cosine or constant"),
             (self.epochs >= 1, "epochs must be >= 1"),
+            (self.preprocess.image_size >= 8, "image size must be >= 8 pixels to train"),
             (self.batch_size_per_worker >= 1, "batch size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.patience >= 1, "patience must be >= 1"),
@@ -144,6 +151,35 @@ class EvalConfig:
     num_actors: int = 1
     use_gpu: bool = False
     storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Batch scoring of image archives into a Parquet dataset."""
+
+    model: str  # checkpoint file URI or run directory URI
+    inputs: tuple[str, ...]  # folders, prefixes or single files (images, DICOM, zip/tar)
+    output: str  # dataset root: scores/ plus the commit manifest
+    batch_size: int = 64  # images per inference call
+    concurrency: int = 1  # inference actors (model copies)
+    use_gpu: bool = False
+    num_gpus_per_actor: float = 1.0
+    threads_per_actor: int = 0  # 0 = this node's cores / actors (CPU inference)
+    confidence_threshold: float = 0.7  # below this a row gets needs_review = true
+    incremental: bool = True  # skip files already scored by the same model
+    files_per_task: int = 16  # input files per read task
+    rows_per_file: int = 50_000  # target Parquet rows per output file
+    max_file_bytes: int = 2 * 1024**3  # larger files become error rows, unread
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("give at least one --input")
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError("confidence threshold must be in [0, 1]")
+        if min(self.batch_size, self.concurrency, self.files_per_task, self.rows_per_file) < 1:
+            raise ValueError("batch size, concurrency, files per task and rows per file "
+                             "must be >= 1")
 
 
 def to_dict(config) -> dict:

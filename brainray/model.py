@@ -17,6 +17,7 @@ from torch import nn
 from brainray.config import MODEL_NAMES, PreprocessConfig
 
 CHECKPOINT_FORMAT = "brainray-checkpoint-v1"
+_REQUIRED_FIELDS = ("model_name", "model_id", "classes", "preprocess", "state_dict")
 
 
 class CheckpointError(ValueError):
@@ -134,11 +135,14 @@ def deserialize(data: bytes, source: str = "checkpoint",
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
-            f"{source} cannot be loaded safely (weights_only=True): {str(exc).splitlines()[0]}"
-        ) from exc
+            f"{source} cannot be loaded safely (weights_only=True): {reason}") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{source} is not a brainray checkpoint ({CHECKPOINT_FORMAT})")
+    missing = [k for k in _REQUIRED_FIELDS if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{source} is an incomplete checkpoint: missing {missing}")
     if checkpoint["model_name"] not in _MODELS:
         raise CheckpointError(f"{source} names unknown model {checkpoint['model_name']!r}")
     if expected_classes is not None and list(expected_classes) != checkpoint["classes"]:

@@ -57,6 +57,8 @@ class Predictor:
                                                          memory_format=torch.channels_last)
         self.precision = precision
         self.model_id = checkpoint["model_id"]
+        self.model_name = checkpoint["model_name"]
+        self.classes = checkpoint["classes"]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))

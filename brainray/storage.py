@@ -64,14 +64,26 @@ def _s3_filesystem(options: StorageOptions) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def _s3_path(uri: str) -> str:
+    """bucket/key of an s3:// URI; refuses forms that would carry credentials or signatures."""
+    path = uri[len("s3://"):].rstrip("/")
+    bucket = path.split("/", 1)[0]
+    if not bucket or path.startswith("/"):
+        raise StorageError(f"{redact(uri)!r} is not a valid S3 URI; expected s3://bucket/prefix")
+    if "@" in bucket or ":" in bucket:
+        raise StorageError("S3 URIs must not contain credentials (s3://user:secret@...); use the "
+                           "AWS credential chain instead")
+    if "?" in path:
+        raise StorageError(f"{redact(uri)!r}: S3 URIs with a query string (e.g. pre-signed URLs) "
+                           "are not supported; give s3://bucket/key")
+    return path
+
+
 def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """Filesystem and filesystem-relative path for a URI (local paths become absolute)."""
     options = options or StorageOptions()
     if is_s3(uri):
-        path = uri[len("s3://"):].rstrip("/")
-        if not path or path.startswith("/"):
-            raise StorageError(f"{uri!r} is not a valid S3 URI; expected s3://bucket/prefix")
-        return _s3_filesystem(options), path
+        return _s3_filesystem(options), _s3_path(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:

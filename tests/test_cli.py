@@ -1,0 +1,268 @@
+"""Tests for brainray.cli and brainray.config: flag parsing into frozen configs, no training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import ray
+
+from brainray import cli
+from brainray.config import (
+    DEFAULT_CLASSES,
+    IMAGE_EXTENSIONS,
+    EvalConfig,
+    PreprocessConfig,
+    StorageOptions,
+    TrainConfig,
+    to_dict,
+    to_json,
+)
+from brainray.data import sample_data_dir
+
+
+@pytest.fixture(autouse=True)
+def _no_aws_overrides(monkeypatch):
+    """Parse tests must not depend on the developer's AWS endpoint/region variables."""
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def _train(*flags: str) -> TrainConfig:
+    return cli.train_config(cli.build_parser().parse_args(["train", *flags]))
+
+
+# --- train: defaults and flag mapping ---------------------------------------------------------
+
+
+def test_embedded_sample_has_four_class_folders_of_images():
+    root = Path(sample_data_dir())
+    assert root.is_dir()
+    for name in DEFAULT_CLASSES:
+        images = [p for p in (root / name).iterdir()
+                  if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+        assert len(images) >= 20, name
+
+
+def test_train_without_flags_uses_sample_and_timestamped_run_dir():
+    # Given `brainray train` with no flags / When parsed into a config
+    config = _train()
+    # Then it trains on the embedded sample, into runs/<UTC timestamp>
+    assert config.data == sample_data_dir()
+    assert config.test_data is None
+    parts = Path(config.run_dir).parts
+    assert parts[0] == "runs" and len(parts) == 2
+    assert re.fullmatch(r"\d{8}-\d{6}", parts[1])
+    # and every other field is the TrainConfig default
+    defaults = TrainConfig(data=config.data, run_dir=config.run_dir)
+    assert config == defaults  # AWS_* variables are cleared by the autouse fixture
+    assert config.use_gpu is False
+    assert config.classes == DEFAULT_CLASSES
+
+
+def test_train_flags_map_to_config_fields():
+    config = _train(
+        "--data", "s3://bucket/mri", "--run-dir", "s3://bucket/runs/a", "--test-data", "/t",
+        "--model", "bn_cnn", "--epochs", "5", "--batch-size", "8", "--lr", "0.01",
+        "--weight-decay", "0.0001", "--warmup-epochs", "0", "--lr-schedule", "constant",
+        "--patience", "2", "--augment", "light", "--precision", "bf16", "--image-size", "128",
+        "--seed", "7", "--val-fraction", "0.2", "--test-fraction", "0.15",
+        "--dedup-max-hamming", "3", "--num-workers", "2", "--cpus-per-worker", "1.5",
+        "--torch-threads", "4", "--max-failures", "0",
+        "--s3-endpoint", "http://minio:9000", "--s3-region", "eu-west-1",
+    )
+    assert config == TrainConfig(
+        data="s3://bucket/mri", run_dir="s3://bucket/runs/a", test_data="/t", model="bn_cnn",
+        epochs=5, batch_size_per_worker=8, lr=0.01, weight_decay=0.0001, warmup_epochs=0,
+        lr_schedule="constant", patience=2, augment="light", precision="bf16", seed=7,
+        val_fraction=0.2, test_fraction=0.15, dedup_max_hamming=3, num_workers=2,
+        cpus_per_worker=1.5, torch_threads=4, max_failures=0,
+        preprocess=PreprocessConfig(image_size=128),
+        storage=StorageOptions(s3_endpoint="http://minio:9000", s3_region="eu-west-1"))
+
+
+def test_batch_size_flag_is_per_worker():
+    assert _train("--batch-size", "16").batch_size_per_worker == 16
+
+
+def test_image_size_flag_sets_preprocess_and_keeps_pixel_limit():
+    config = _train("--image-size", "96")
+    assert config.preprocess.image_size == 96
+    assert config.preprocess.max_image_pixels == PreprocessConfig().max_image_pixels
+
+
+@pytest.mark.parametrize("flags, parsed, configured", [
+    ([], None, False),
+    (["--use-gpu"], True, True),
+    (["--no-gpu"], False, False),
+])
+def test_gpu_flags(flags, parsed, configured):
+    # parsed None means "auto": resolved against the cluster by init_ray, after parsing
+    args = cli.build_parser().parse_args(["train", *flags])
+    assert args.use_gpu is parsed
+    assert cli.train_config(args).use_gpu is configured
+
+
+def test_use_gpu_and_no_gpu_are_mutually_exclusive():
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["train", "--use-gpu", "--no-gpu"])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("glioma,notumor", ("glioma", "notumor")),
+    (" a , b ,c ", ("a", "b", "c")),
+    ("x,,y,", ("x", "y")),
+])
+def test_classes_flag_is_split_and_trimmed(flag, expected):
+    assert _train("--classes", flag).classes == expected
+
+
+@pytest.mark.parametrize("flag", ["glioma", "glioma,glioma", ",,"])
+def test_classes_flag_needs_two_unique_names(flag):
+    with pytest.raises(ValueError, match="classes must be >= 2 unique names"):
+        _train("--classes", flag)
+
+
+def test_storage_flags_fall_back_to_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env-endpoint:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")
+    assert _train().storage == StorageOptions("http://env-endpoint:9000", "eu-central-1")
+    assert _train("--s3-region", "us-west-2").storage.s3_region == "us-west-2"
+
+
+def test_invalid_model_choice_exits_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["train", "--model", "resnet50"])
+    assert info.value.code == 2
+    assert "invalid choice: 'resnet50'" in capsys.readouterr().err
+
+
+def test_missing_command_exits_with_usage_error():
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args([])
+    assert info.value.code == 2
+
+
+# --- run(): a bad value fails before Ray starts -----------------------------------------------
+
+
+def test_run_with_zero_epochs_returns_2_without_starting_ray(capsys):
+    # Given Ray is not running
+    assert not ray.is_initialized()
+    # When `brainray train --epochs 0` runs
+    code = cli.run(["train", "--epochs", "0"])
+    # Then it fails as a usage error, with one readable line on stderr, and Ray never started
+    assert code == 2
+    assert not ray.is_initialized()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("\n") and len(err.strip().splitlines()) == 1
+    assert err.strip() == "brainray train: error: epochs must be >= 1"
+
+
+def test_run_with_bad_fractions_returns_2_without_starting_ray(capsys):
+    code = cli.run(["train", "--val-fraction", "0.6", "--test-fraction", "0.5"])
+    assert code == 2
+    assert not ray.is_initialized()
+    assert capsys.readouterr().err.strip() == (
+        "brainray train: error: val + test fractions must be < 1")
+
+
+@pytest.mark.parametrize("size", ["0", "-32"])
+def test_nonpositive_image_size_is_rejected_before_ray(size):
+    with pytest.raises(ValueError):
+        _train("--image-size", size)
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+
+def test_evaluate_flags_map_to_eval_config():
+    args = cli.build_parser().parse_args([
+        "evaluate", "--model", "runs/a", "--data", "s3://b/test", "--output", "out",
+        "--batch-size", "16", "--num-actors", "2", "--use-gpu", "--s3-endpoint", "http://m:9000"])
+    assert cli.eval_config(args) == EvalConfig(
+        model="runs/a", data="s3://b/test", output="out", batch_size=16, num_actors=2,
+        use_gpu=True, storage=StorageOptions(s3_endpoint="http://m:9000"))
+
+
+def test_evaluate_requires_model_data_and_output():
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["evaluate", "--model", "runs/a"])
+    assert info.value.code == 2
+
+
+# --- TrainConfig ------------------------------------------------------------------------------
+
+
+def test_train_config_json_round_trip():
+    # Given a config with nested dataclasses and tuples
+    config = TrainConfig(data="s3://b/d", run_dir="/r", classes=("a", "b"), seed=3,
+                         preprocess=PreprocessConfig(image_size=64),
+                         storage=StorageOptions("http://m:9000", "eu-west-1"))
+    # When written as JSON and parsed back
+    loaded = json.loads(to_json(config))
+    # Then it is plain JSON (tuples as lists) with every field, and rebuilds the same config
+    assert loaded == to_dict(config)
+    assert loaded["classes"] == ["a", "b"]
+    assert loaded["preprocess"] == {"image_size": 64, "max_image_pixels": 64_000_000}
+    assert set(loaded) == {f.name for f in dataclasses.fields(TrainConfig)}
+    rebuilt = TrainConfig(**{**loaded, "classes": tuple(loaded["classes"]),
+                             "preprocess": PreprocessConfig(**loaded["preprocess"]),
+                             "storage": StorageOptions(**loaded["storage"])})
+    assert rebuilt == config
+
+
+def test_train_config_is_frozen():
+    config = TrainConfig(data="d", run_dir="r")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"val_fraction": 0.0}, "val_fraction must be in (0, 1)"),
+    ({"val_fraction": 1.0}, "val_fraction must be in (0, 1)"),
+    ({"val_fraction": -0.1}, "val_fraction must be in (0, 1)"),
+    ({"test_fraction": -0.1}, "test_fraction must be in [0, 1)"),
+    ({"test_fraction": 1.0}, "test_fraction must be in [0, 1)"),
+    ({"test_fraction": 0.0}, "test_fraction must be > 0 unless test_data is given"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "val + test fractions must be < 1"),
+    ({"val_fraction": 0.7, "test_fraction": 0.4}, "val + test fractions must be < 1"),
+])
+def test_train_config_rejects_bad_fractions(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(data="d", run_dir="r", **fields)
+
+
+def test_split_fractions_sum_to_one():
+    carved = TrainConfig(data="d", run_dir="r", val_fraction=0.2, test_fraction=0.1)
+    assert carved.split_fractions == pytest.approx({"train": 0.7, "val": 0.2, "test": 0.1})
+    held_out = TrainConfig(data="d", run_dir="r", test_data="t", val_fraction=0.2,
+                           test_fraction=0.0)
+    assert held_out.split_fractions == pytest.approx({"train": 0.8, "val": 0.2})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model": "vgg"}, "model must be one of"),
+    ({"augment": "heavy"}, "augment must be one of"),
+    ({"precision": "int8"}, "precision must be one of"),
+    ({"lr_schedule": "step"}, "lr_schedule must be cosine or constant"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"batch_size_per_worker": 0}, "batch size must be >= 1"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"patience": 0}, "patience must be >= 1"),
+    ({"num_workers": 0}, "num_workers must be >= 1"),
+])
+def test_train_config_rejects_other_bad_values(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(data="d", run_dir="r", **fields)
+
+
+def test_parsing_does_not_create_the_run_dir(tmp_path):
+    run_dir = tmp_path / "runs" / "x"
+    _train("--run-dir", str(run_dir))
+    assert not run_dir.exists()

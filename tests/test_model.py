@@ -1,0 +1,243 @@
+"""Tests for brainray.model: architectures and safe, self-describing checkpoints."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+
+from brainray.config import DEFAULT_CLASSES, MODEL_NAMES, PreprocessConfig
+from brainray.model import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    build_model,
+    count_parameters,
+    deserialize,
+    make_checkpoint,
+    model_from_checkpoint,
+    preprocess_config,
+    serialize,
+    weights_id,
+)
+
+CLASSES = list(DEFAULT_CLASSES)
+SMALL = 64
+CKPT_SIZE = 32  # checkpoint tests only need small, fast models
+
+
+class _RunsShell:
+    """Unpickling this calls os.system(command): the classic malicious-pickle payload."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _checkpoint(name="bn_cnn", image_size=CKPT_SIZE, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(name, len(CLASSES), image_size)
+    if name == "bn_cnn":  # move BatchNorm running statistics away from their defaults
+        model.train()
+        with torch.no_grad():
+            model(torch.rand(4, 3, image_size, image_size))
+    checkpoint = make_checkpoint(
+        model, model_name=name, classes=CLASSES,
+        preprocess=PreprocessConfig(image_size=image_size),
+        config={"lr": 0.001, "classes": CLASSES}, metrics={"val_accuracy": 0.5}, epoch=3)
+    return model, checkpoint
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+# --- architectures --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("image_size", [224, SMALL])
+def test_build_model_gives_logits_per_class(name, image_size):
+    # Given each architecture at the default and a small image size
+    model = build_model(name, num_classes=4, image_size=image_size).eval()
+    # When a batch of two images goes through it
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, image_size, image_size))
+    # Then there is one finite logit per class per image
+    assert logits.shape == (2, 4)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_build_model_works_channels_last(name):
+    model = build_model(name, 3, SMALL).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, SMALL, SMALL).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert model(x).shape == (1, 3)
+
+
+def test_paper_cnn_has_the_papers_parameter_count():
+    # 3 convs (896 + 18,496 + 73,856) + dense 100,352->128 (12,845,184) + 128->4 (516)
+    assert count_parameters(build_model("paper_cnn", 4, 224)) == 12_938_948
+
+
+def test_bn_cnn_is_much_smaller_than_paper_cnn():
+    assert count_parameters(build_model("bn_cnn", 4, 224)) < 2_000_000
+
+
+def test_build_model_unknown_name_raises():
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        build_model("resnet", 4)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_checkpoint_round_trip_preserves_weights_and_outputs(name):
+    # Given a model and its checkpoint
+    model, checkpoint = _checkpoint(name)
+    # When serialized, deserialized and rebuilt
+    restored = deserialize(serialize(checkpoint), expected_classes=CLASSES)
+    rebuilt = model_from_checkpoint(restored)
+    # Then every tensor (weights and buffers) is bit-identical
+    original = model.state_dict()
+    assert set(restored["state_dict"]) == set(original)
+    for key, value in original.items():
+        assert torch.equal(restored["state_dict"][key], value), key
+    # and the metadata survives
+    assert restored["model_name"] == name and restored["classes"] == CLASSES
+    assert restored["epoch"] == 3 and restored["metrics"] == {"val_accuracy": 0.5}
+    assert preprocess_config(restored) == PreprocessConfig(image_size=CKPT_SIZE)
+    # and the rebuilt model is in eval mode and gives the same outputs
+    assert not rebuilt.training
+    x = torch.rand(2, 3, CKPT_SIZE, CKPT_SIZE)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+def test_checkpoint_detaches_from_the_live_model():
+    # Given a checkpoint taken from a model / When the model keeps training
+    model, checkpoint = _checkpoint("paper_cnn")
+    key = next(iter(checkpoint["state_dict"]))
+    before = checkpoint["state_dict"][key].clone()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    # Then the checkpoint still holds the weights at the time it was taken
+    assert torch.equal(checkpoint["state_dict"][key], before)
+
+
+def test_checkpoint_bytes_load_with_plain_torch_weights_only():
+    _, checkpoint = _checkpoint()
+    loaded = torch.load(io.BytesIO(serialize(checkpoint)), weights_only=True)
+    assert loaded["format"] == CHECKPOINT_FORMAT
+    assert loaded["model_id"] == checkpoint["model_id"]
+    assert all(isinstance(v, torch.Tensor) for v in loaded["state_dict"].values())
+
+
+def test_deserialize_refuses_pickled_code_without_running_it(tmp_path):
+    # Given a file that runs a shell command when unpickled
+    marker = tmp_path / "pwned"
+    data = _torch_bytes(_RunsShell(f"echo pwned > {marker}"))
+    # When deserialized / Then it is refused as unsafe, and the command never ran
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        deserialize(data, source="evil.pt")
+    assert not marker.exists()
+
+
+def test_deserialize_refuses_code_hidden_inside_a_valid_checkpoint(tmp_path):
+    # Given a genuine checkpoint with a malicious object tucked into its metrics
+    marker = tmp_path / "pwned"
+    _, checkpoint = _checkpoint()
+    checkpoint["metrics"] = {"note": _RunsShell(f"touch {marker}")}
+    # When deserialized / Then it is refused and nothing ran
+    with pytest.raises(CheckpointError):
+        deserialize(_torch_bytes(checkpoint))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    {"state_dict": {"w": torch.zeros(2)}},
+    {"format": "someone-elses-v3", "state_dict": {}},
+    [1, 2, 3],
+    torch.zeros(3),
+], ids=["plain-dict", "other-format", "list", "tensor"])
+def test_deserialize_refuses_non_brainray_objects(payload):
+    with pytest.raises(CheckpointError, match="is not a brainray checkpoint"):
+        deserialize(_torch_bytes(payload), source="other.pt")
+
+
+@pytest.mark.parametrize("data", [b"not a checkpoint at all", b"PK\x03\x04garbage", b"\x80"],
+                         ids=["text", "fake-zip", "one-byte"])
+def test_deserialize_refuses_garbage_bytes(data):
+    with pytest.raises(CheckpointError, match="garbage.pt cannot be loaded"):
+        deserialize(data, source="garbage.pt")
+
+
+def test_deserialize_refuses_empty_file():
+    # Given a 0-byte checkpoint (e.g. an interrupted upload)
+    # When deserialized / Then a CheckpointError names the file
+    with pytest.raises(CheckpointError, match="empty.pt"):
+        deserialize(b"", source="empty.pt")
+
+
+def test_deserialize_refuses_unknown_model_name():
+    _, checkpoint = _checkpoint()
+    checkpoint["model_name"] = "resnet"
+    with pytest.raises(CheckpointError, match="unknown model 'resnet'"):
+        deserialize(serialize(checkpoint))
+
+
+def test_deserialize_refuses_mismatched_classes():
+    # Given a checkpoint trained on the four default classes
+    _, checkpoint = _checkpoint()
+    data = serialize(checkpoint)
+    # When the caller expects a different list (or the same names in another order)
+    for expected in (["glioma", "notumor"], list(reversed(CLASSES))):
+        # Then it is refused, naming both lists
+        with pytest.raises(CheckpointError, match="was trained on classes"):
+            deserialize(data, source="m.pt", expected_classes=expected)
+    assert deserialize(data, expected_classes=tuple(CLASSES))["classes"] == CLASSES
+
+
+def test_deserialize_refuses_tampered_weights():
+    # Given a checkpoint whose weights were changed after model_id was recorded
+    _, checkpoint = _checkpoint()
+    key = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + 1e-3
+    # When deserialized / Then the mismatch is detected
+    with pytest.raises(CheckpointError, match="do not match their recorded model_id"):
+        deserialize(serialize(checkpoint), source="tampered.pt")
+
+
+@pytest.mark.parametrize("missing", ["model_name", "state_dict", "model_id"])
+def test_deserialize_refuses_checkpoint_with_missing_fields(missing):
+    _, checkpoint = _checkpoint()
+    del checkpoint[missing]
+    with pytest.raises(CheckpointError):
+        deserialize(serialize(checkpoint), source="partial.pt")
+
+
+def test_weights_id_is_stable_and_changes_with_any_weight():
+    # Given a model's weights
+    model, _ = _checkpoint("paper_cnn")
+    first = weights_id(model.state_dict())
+    # Then the id is a short hex string, the same on every call and for a copy
+    assert first == weights_id(model.state_dict())
+    assert first == weights_id({k: v.clone() for k, v in model.state_dict().items()})
+    assert len(first) == 16 and int(first, 16) >= 0
+    # When one element of one tensor changes / Then the id changes
+    with torch.no_grad():
+        model.classifier[-1].bias[0] += 1e-6
+    assert weights_id(model.state_dict()) != first
+
+
+def test_weights_id_distinguishes_models_with_different_seeds():
+    _, a = _checkpoint("bn_cnn", seed=0)
+    _, b = _checkpoint("bn_cnn", seed=1)
+    assert a["model_id"] != b["model_id"]
