@@ -1,4 +1,4 @@
-"""Command line: `brainray train | evaluate`. Parses flags into frozen configs; `ray.init` is here.
+"""Command line: `brainray train|evaluate|score`. Flags become frozen configs; `ray.init` is here.
 
 Exit status 0 on success; on failure a one-line reason on stderr and status 1 (2 for bad usage).
 """
@@ -19,6 +19,7 @@ from brainray.config import (
     PRECISIONS,
     EvalConfig,
     PreprocessConfig,
+    ScoreConfig,
     TrainConfig,
 )
 
@@ -114,11 +115,43 @@ def _evaluate_parser(sub) -> None:
     _add_storage_flags(p)
 
 
+def _score_parser(sub) -> None:
+    p = sub.add_parser("score", help="score image archives into a Parquet dataset, exactly once",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ScoreConfig.__dataclass_fields__
+    p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
+    p.add_argument("--input", action="append", required=True, dest="inputs",
+                   help="folder, S3 prefix or file (JPEG/PNG, DICOM, zip/tar); repeatable")
+    p.add_argument("--output", required=True,
+                   help="dataset URI; rows go to <output>/scores/, committed atomically per run")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default,
+                   help="images per inference call")
+    p.add_argument("--concurrency", type=int, default=d["concurrency"].default,
+                   help="inference actors (model copies); one GPU each with GPUs")
+    p.add_argument("--num-gpus-per-actor", type=float, default=d["num_gpus_per_actor"].default,
+                   help="GPUs per inference actor when GPUs are used (fractions share a GPU)")
+    p.add_argument("--threads-per-actor", type=int, default=d["threads_per_actor"].default,
+                   help="torch threads per CPU actor; 0 = the node's cores / actors")
+    p.add_argument("--confidence-threshold", type=float,
+                   default=d["confidence_threshold"].default,
+                   help="rows whose top probability is below this get needs_review = true")
+    p.add_argument("--rescore", dest="incremental", action="store_false",
+                   help="score every input again, even those this model already scored "
+                        "(adds rows; default is incremental)")
+    p.add_argument("--files-per-task", type=int, default=d["files_per_task"].default,
+                   help="input files read per Ray Data task")
+    p.add_argument("--rows-per-file", type=int, default=d["rows_per_file"].default,
+                   help="target rows per output Parquet file")
+    _add_cluster_flags(p)
+    _add_storage_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _evaluate_parser(sub)
+    _score_parser(sub)
     return parser
 
 
@@ -153,6 +186,34 @@ def eval_config(args) -> EvalConfig:
                       use_gpu=bool(args.use_gpu), storage=_storage(args))
 
 
+def score_config(args) -> ScoreConfig:
+    return ScoreConfig(
+        model=args.model, inputs=tuple(args.inputs), output=args.output,
+        batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=bool(args.use_gpu),
+        num_gpus_per_actor=args.num_gpus_per_actor, threads_per_actor=args.threads_per_actor,
+        confidence_threshold=args.confidence_threshold, incremental=args.incremental,
+        files_per_task=args.files_per_task, rows_per_file=args.rows_per_file,
+        storage=_storage(args))
+
+
+_CONFIGS = {"train": train_config, "evaluate": eval_config, "score": score_config}
+
+
+def _run_job(command: str, config) -> None:
+    if command == "train":
+        from brainray.train_job import run_training
+
+        run_training(config)
+    elif command == "evaluate":
+        from brainray.evaluate import run_evaluation
+
+        run_evaluation(config)
+    else:
+        from brainray.score import run_scoring
+
+        run_scoring(config)
+
+
 def init_ray(address: str | None, use_gpu: bool | None) -> bool:
     """Connect to the cluster (or start a local one); resolve --use-gpu's auto default."""
     import ray
@@ -180,20 +241,13 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # A bad flag value fails here, before Ray starts.
-        config = train_config(args) if args.command == "train" else eval_config(args)
+        config = _CONFIGS[args.command](args)
     except ValueError as exc:
         _fail(args.command, exc)
         return 2
     try:
         config = dataclasses.replace(config, use_gpu=init_ray(args.address, args.use_gpu))
-        if args.command == "train":
-            from brainray.train_job import run_training
-
-            run_training(config)
-        else:
-            from brainray.evaluate import run_evaluation
-
-            run_evaluation(config)
+        _run_job(args.command, config)
     except Exception as exc:  # the job's last word must be one readable line
         _fail(args.command, exc)
         return 1

@@ -1,0 +1,535 @@
+"""Expand one input file (an image, a DICOM or an archive of them) into the images to score.
+
+Pure and Ray-free: it receives the file's bytes and never touches storage, the network or the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+import re
+import stat
+import tarfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset
+
+# Kept literal (not built from config.IMAGE_EXTENSIONS) so importing this module stays cheap;
+# a test checks that the two lists agree.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif",
+                                   ".webp")
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
+ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar", ".tar.gz", ".tgz")
+
+_IMAGE, _DICOM, _ARCHIVE = "image", "dicom", "archive"
+_DICOM_MAGIC = b"DICM"
+_DICOM_MAGIC_OFFSET = 128  # a DICOM file is a 128-byte preamble, then b"DICM"
+_MAGIC_END = _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)
+
+# What the standard library raises on corrupt, truncated, encrypted or exotic archives.
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError,
+                   OSError, RuntimeError, ValueError)
+
+
+@dataclass(frozen=True)
+class SourceLimits:
+    """Bounds that keep one hostile or huge input from exhausting a scoring worker."""
+
+    max_image_pixels: int = 64_000_000  # per image / per DICOM frame
+    max_frames: int = 2_000  # per DICOM file
+    max_member_bytes: int = 512 * 1024**2  # uncompressed size of one archive member
+    max_archive_bytes: int = 4 * 1024**3  # uncompressed bytes read from one archive in total
+    max_members: int = 100_000  # entries of one archive, directories and skipped files included
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image to score, or the reason a file, member or frame could not become one."""
+
+    member: str | None  # path inside an archive, else None
+    frame: int | None  # DICOM frame index (0-based) for DICOM inputs, else None
+    image: Image.Image | None  # decoded image (None when error)
+    content_sha256: str  # sha256 of the file or archive member; "" when its bytes were not read
+    error: str  # "" when ok, else a readable reason
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def is_supported(name: str) -> bool:
+    """True when the name's extension is an image, DICOM or archive type (case-insensitive)."""
+    return _kind_by_name(name) is not None
+
+
+def expand(name: str, data: bytes, limits: SourceLimits = SourceLimits()) -> list[SourceImage]:
+    """Every image in the file `name` (used only for its extension) whose bytes are `data`.
+
+    Never raises on bad input: each unreadable file, unsafe or oversized member and undecodable
+    frame becomes a SourceImage with `error` set and no image.
+    """
+    kind = _kind_by_name(name)
+    if kind == _ARCHIVE:
+        return _expand_archive(name, data, limits)
+    return _expand_file(kind, data, None, limits)
+
+
+# --- type detection ---------------------------------------------------------------------------
+
+
+def _kind_by_name(name: str) -> str | None:
+    lowered = name.lower()
+    for kind, suffixes in ((_IMAGE, IMAGE_SUFFIXES), (_DICOM, DICOM_SUFFIXES),
+                           (_ARCHIVE, ARCHIVE_SUFFIXES)):
+        if lowered.endswith(suffixes):
+            return kind
+    return None
+
+
+def _has_dicom_magic(data: bytes) -> bool:
+    return data[_DICOM_MAGIC_OFFSET:_MAGIC_END] == _DICOM_MAGIC
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _failure(member: str | None, sha: str, reason: str, frame: int | None = None) -> SourceImage:
+    return SourceImage(member=member, frame=frame, image=None, content_sha256=sha, error=reason)
+
+
+def _describe(exc: BaseException) -> str:
+    # Library messages can span lines (pydicom lists every plugin); keep one readable line.
+    text = " ".join(str(exc).split()) or "no details"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _expand_file(kind: str | None, data: bytes, member: str | None,
+                 limits: SourceLimits) -> list[SourceImage]:
+    """A plain image or DICOM; the DICOM magic wins over the extension (scanners omit it)."""
+    if _has_dicom_magic(data):
+        return _expand_dicom(data, member, limits, force=False)
+    if kind == _DICOM:
+        # Old files and raw datasets lack the preamble; the extension is the only hint.
+        return _expand_dicom(data, member, limits, force=True)
+    if kind == _IMAGE:
+        return [_expand_image(data, member, limits)]
+    return [_failure(member, _sha256(data), "unsupported file type")]
+
+
+# --- plain images -----------------------------------------------------------------------------
+
+
+def _expand_image(data: bytes, member: str | None, limits: SourceLimits) -> SourceImage:
+    # Imported here: brainray.transforms pulls in torch, too slow for a module that only lists.
+    from brainray.transforms import ImageDecodeError, decode_image
+
+    sha = _sha256(data)
+    try:
+        # Multi-frame GIF/TIFF: decode_image loads frame 0 and leaves the image positioned there.
+        image = decode_image(data, limits.max_image_pixels)
+    except ImageDecodeError as exc:
+        return _failure(member, sha, str(exc))
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow plugins raise assorted types on hostile input
+        return _failure(member, sha, f"not a decodable image: {_describe(exc)}")
+    return SourceImage(member=member, frame=None, image=image, content_sha256=sha, error="")
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+# Elements that pydicom's modality/VOI helpers read; enhanced multi-frame files move the rescale
+# and window into per-frame functional groups, which _frame_view folds back in.
+_LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation",
+                 "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "WindowCenter",
+                 "WindowWidth", "VOILUTFunction", "VOILUTSequence")
+_FRAME_GROUP_SEQUENCES = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_COLOR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+
+
+def _expand_dicom(data: bytes, member: str | None, limits: SourceLimits,
+                  force: bool) -> list[SourceImage]:
+    sha = _sha256(data)
+    if not data:
+        return [_failure(member, sha, "empty file (0 bytes)")]
+    with warnings.catch_warnings():
+        # pydicom warns about every non-conformance it tolerates; the reasons that matter end
+        # up in the error item, and per-file warnings would flood the scoring workers' logs.
+        warnings.simplefilter("ignore")
+        try:
+            ds = _read_dicom(data, force)
+            problem = _dicom_problem(ds, limits)
+        except MemoryError:
+            raise
+        except Exception as exc:  # pydicom raises many types on malformed files
+            return [_failure(member, sha, f"not a readable DICOM file: {_describe(exc)}")]
+        if problem:
+            return [_failure(member, sha, problem)]
+        return _decode_frames(ds, member, sha)
+
+
+def _read_dicom(data: bytes, force: bool) -> Dataset:
+    import pydicom
+    from pydicom.datadict import keyword_for_tag
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    # force=True "reads" any bytes as a dataset of unknown tags: a PNG would become one
+    # nonsense element, so demand at least one standard element.
+    if force and not any(keyword_for_tag(tag) for tag in ds.keys()):
+        raise ValueError("no DICOM elements found")
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    # Raw datasets (no file meta) can only be uncompressed; pydicom knows how it parsed them but
+    # will not decode pixels without an explicit transfer syntax.
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    if ds.file_meta.get("TransferSyntaxUID") or ds.original_encoding[0] is None:
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = (uid.ExplicitVRLittleEndian if little
+                                          else uid.ExplicitVRBigEndian)
+
+
+def _transfer_syntax_label(ds: Dataset) -> str:
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    return f"'{tsyntax.name}' ({tsyntax})" if tsyntax else "'unknown'"
+
+
+def _dicom_problem(ds: Dataset, limits: SourceLimits) -> str:
+    """Why the pixels must not be decoded, checked from the header alone; "" when fine."""
+    from pydicom.pixels import get_decoder
+    from pydicom.pixels.utils import get_nr_frames
+
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        return "DICOM has no pixel data"
+    if "Rows" not in ds or "Columns" not in ds:
+        return "DICOM has pixel data but no Rows/Columns"
+    pixels = int(ds.Rows) * int(ds.Columns)
+    if pixels > limits.max_image_pixels:
+        return (f"DICOM frame is {ds.Columns}x{ds.Rows} pixels, over the limit of "
+                f"{limits.max_image_pixels}")
+    frames = get_nr_frames(ds, warn=False)
+    if frames > limits.max_frames:
+        return f"DICOM has {frames} frames, over the limit of {limits.max_frames}"
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if not tsyntax:
+        return "DICOM has no transfer syntax"
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        return f"DICOM transfer syntax {_transfer_syntax_label(ds)} is not supported"
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        return (f"no decoder installed for DICOM transfer syntax {_transfer_syntax_label(ds)}"
+                f" (needs one of: {missing})")
+    return ""
+
+
+def _decode_frames(ds: Dataset, member: str | None, sha: str) -> list[SourceImage]:
+    from pydicom.pixels import iter_pixels
+
+    items: list[SourceImage] = []
+    # One frame at a time: a long series never holds all its decoded frames as 16-bit or float.
+    frames = iter_pixels(ds)
+    while True:
+        index = len(items)
+        try:
+            frame = next(frames, None)
+            if frame is None:
+                return items
+            image = _frame_to_image(frame, ds, index)
+        except MemoryError:
+            raise
+        except Exception as exc:  # decoder plugins raise assorted types on corrupt data
+            reason = (f"cannot decode DICOM pixel data (transfer syntax "
+                      f"{_transfer_syntax_label(ds)}): {_describe(exc)}")
+            return [*items, _failure(member, sha, reason, frame=index)]
+        items.append(SourceImage(member=member, frame=index, image=image, content_sha256=sha,
+                                 error=""))
+
+
+def _frame_to_image(frame: np.ndarray, ds: Dataset, index: int) -> Image.Image:
+    from PIL import Image
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric in _COLOR_PHOTOMETRICS or frame.ndim == 3:
+        return Image.fromarray(_color_to_uint8(frame, ds, photometric))
+    gray = _gray_to_unit(frame, _frame_view(ds, index))
+    if photometric == "MONOCHROME1":
+        gray = 1.0 - gray  # MONOCHROME1 stores low values as white; we want higher = brighter
+    return Image.fromarray(_unit_to_uint8(gray))
+
+
+def _color_to_uint8(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    # iter_pixels already converts YBR_FULL/YBR_FULL_422 to RGB (and JPEG decoders YBR_ICT/RCT).
+    import numpy as np
+    from pydicom.pixels import apply_color_lut
+
+    if photometric == "PALETTE COLOR":
+        frame = apply_color_lut(frame, ds)
+    if frame.dtype == np.uint8:
+        return frame
+    return _unit_to_uint8(_min_max(frame))
+
+
+def _frame_view(ds: Dataset, index: int) -> Dataset:
+    """A dataset with the elements pydicom's LUT helpers read, as they apply to frame `index`."""
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    view.file_meta = ds.file_meta  # the helpers read LUT byte order from it
+    for keyword in _LUT_KEYWORDS:
+        if keyword in ds:
+            setattr(view, keyword, ds[keyword].value)
+    groups = list(ds.get("SharedFunctionalGroupsSequence") or [])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if index < len(per_frame):
+        groups.append(per_frame[index])  # later wins: per-frame values override shared ones
+    for group in groups:
+        for sequence in _FRAME_GROUP_SEQUENCES:
+            for item in group.get(sequence) or []:
+                for keyword in _LUT_KEYWORDS:
+                    if keyword in item:
+                        setattr(view, keyword, item[keyword].value)
+    return view
+
+
+def _gray_to_unit(frame: np.ndarray, view: Dataset) -> np.ndarray:
+    """Stored values -> [0, 1] display values: modality LUT/rescale, then VOI LUT or window."""
+    import numpy as np
+    from pydicom.pixels import apply_rescale
+
+    values = apply_rescale(frame, view)
+    if view.get("VOILUTSequence"):
+        return _apply_voi_lut_sequence(values, view)
+    if view.get("WindowCenter") is not None and view.get("WindowWidth") is not None:
+        try:
+            return _apply_window(values, view)
+        except ValueError:
+            pass  # a malformed window (e.g. width 0): fall back to the frame's own range
+    return _min_max(np.asarray(values))
+
+
+def _apply_window(values: np.ndarray, view: Dataset) -> np.ndarray:
+    import numpy as np
+    from pydicom.pixels import apply_windowing
+
+    # apply_windowing maps the window onto a range it derives from BitsStored, the signedness
+    # and the rescale; windowing -inf and +inf asks it for that range's two ends.
+    low, high = apply_windowing(np.array([-np.inf, np.inf]), view)
+    windowed = apply_windowing(values, view)
+    return (windowed - low) / (high - low) if high > low else np.zeros_like(windowed)
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, view: Dataset) -> np.ndarray:
+    import numpy as np
+    from pydicom.pixels import apply_voi
+
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values).astype(np.int64)  # a LUT is indexed by integer values
+    out = apply_voi(values, view)
+    depth = int(view.VOILUTSequence[0].LUTDescriptor[2])  # bits per LUT entry
+    return out.astype(np.float64) / (2**depth - 1)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    # No window in the file: stretch the frame's own range, as viewers do by default.
+    import numpy as np
+
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros_like(values)
+    low, high = float(finite.min()), float(finite.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def _unit_to_uint8(unit: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    scaled = np.nan_to_num(unit, nan=0.0, posinf=1.0, neginf=0.0) * 255.0
+    return np.clip(scaled.round(), 0, 255).astype(np.uint8)
+
+
+# --- archives ---------------------------------------------------------------------------------
+
+_FILE, _DIR, _LINK, _DEVICE, _OTHER = "file", "directory", "link", "device", "other"
+
+
+@dataclass(frozen=True)
+class _Member:
+    """An archive entry, the same for zip and tar."""
+
+    name: str
+    kind: str  # _FILE, _DIR, _LINK, _DEVICE or _OTHER
+    size: int  # declared uncompressed size; may lie
+    open: Callable[[], IO[bytes]]
+
+
+class _StopExpanding(Exception):
+    """A limit for the whole archive was reached; carries the error item that says so."""
+
+    def __init__(self, item: SourceImage) -> None:
+        super().__init__(item.error)
+        self.item = item
+
+
+def _expand_archive(name: str, data: bytes, limits: SourceLimits) -> list[SourceImage]:
+    items: list[SourceImage] = []
+    try:
+        if name.lower().endswith(".zip"):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                _expand_members(_zip_members(archive), limits, items)
+        else:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+                _expand_members(_tar_members(archive), limits, items)
+    except _StopExpanding as stop:
+        items.append(stop.item)
+    except _ARCHIVE_ERRORS as exc:
+        # Unreadable from the start, or corrupt part-way (tar): keep what was already expanded.
+        items.append(_failure(None, _sha256(data), f"unreadable archive: {_describe(exc)}"))
+    return items
+
+
+def _zip_members(archive: zipfile.ZipFile) -> Iterator[_Member]:
+    for info in archive.infolist():
+        yield _Member(info.filename, _zip_kind(info), info.file_size, partial(archive.open, info))
+
+
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    if info.is_dir():
+        return _DIR
+    mode = info.external_attr >> 16  # Unix mode bits, set by zips made on Unix
+    if stat.S_ISLNK(mode):
+        return _LINK
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return _DEVICE
+    return _FILE
+
+
+def _tar_members(archive: tarfile.TarFile) -> Iterator[_Member]:
+    for info in archive:  # reads headers lazily: a corrupt tail raises here, mid-expansion
+        yield _Member(info.name, _tar_kind(info), info.size, partial(archive.extractfile, info))
+
+
+def _tar_kind(info: tarfile.TarInfo) -> str:
+    if info.isreg():
+        return _FILE
+    if info.isdir():
+        return _DIR
+    if info.issym() or info.islnk():
+        return _LINK
+    if info.ischr() or info.isblk() or info.isfifo():
+        return _DEVICE
+    return _OTHER
+
+
+@dataclass
+class _Budget:
+    members_left: int
+    bytes_left: int
+
+
+def _expand_members(members: Iterable[_Member], limits: SourceLimits,
+                    items: list[SourceImage]) -> None:
+    """Append the images of every member to `items`; raises _StopExpanding at archive limits."""
+    budget = _Budget(limits.max_members, limits.max_archive_bytes)
+    for member in members:
+        if budget.members_left == 0:
+            raise _StopExpanding(_failure(member.name, "", (
+                f"archive has more than {limits.max_members} members; stopped expanding")))
+        budget.members_left -= 1
+        items.extend(_expand_member(member, limits, budget))
+
+
+def _expand_member(member: _Member, limits: SourceLimits, budget: _Budget) -> list[SourceImage]:
+    if member.kind == _DIR or _is_os_metadata(member.name):
+        return []
+    problem = _unsafe_reason(member)
+    if problem:
+        return [_failure(member.name, "", problem)]
+    kind = _kind_by_name(member.name)
+    if kind == _ARCHIVE:
+        return [_failure(member.name, "", "nested archive not expanded")]
+    try:
+        data = _read_member(member, kind, limits, budget)
+    except _StopExpanding:
+        raise
+    except _ARCHIVE_ERRORS as exc:
+        return [_failure(member.name, "", f"cannot read archive member: {_describe(exc)}")]
+    if isinstance(data, str):
+        return [_failure(member.name, "", data)] if data else []
+    return _expand_file(kind, data, member.name, limits)
+
+
+def _is_os_metadata(path: str) -> bool:
+    # macOS adds __MACOSX/ folders and "._name" AppleDouble files next to every real file; they
+    # carry image extensions but no image, and would otherwise each be reported as an error.
+    parts = re.split(r"[\\/]", path)
+    return "__MACOSX" in parts or parts[-1].startswith("._")
+
+
+def _unsafe_reason(member: _Member) -> str:
+    """Why a member is refused without being read; "" when it is a safe regular file."""
+    if member.kind == _LINK:
+        return "symbolic or hard link member not followed"
+    if member.kind == _DEVICE:
+        return "device or fifo member refused"
+    if member.kind != _FILE:
+        return "unsupported archive member type"
+    if member.name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member.name):
+        return "absolute member path refused"
+    if ".." in re.split(r"[\\/]", member.name):
+        return "member path with '..' refused"
+    return ""
+
+
+def _read_member(member: _Member, kind: str | None, limits: SourceLimits,
+                 budget: _Budget) -> bytes | str:
+    """The member's bytes, or a reason it was not read ("" = skip silently, not an image)."""
+    with member.open() as stream:
+        head = b""
+        if kind is None:
+            # Unknown extension: DICOM files are often stored without one, so sniff the magic.
+            head = stream.read(_MAGIC_END)
+            if not _has_dicom_magic(head):
+                return ""
+        if member.size > limits.max_member_bytes:
+            return (f"member declares {member.size} bytes uncompressed, over the limit of "
+                    f"{limits.max_member_bytes}")
+        if member.size > budget.bytes_left:
+            raise _archive_full(member, limits)
+        # Headers can lie: never read more than the limit, whatever the size field said.
+        data = head + stream.read(limits.max_member_bytes + 1 - len(head))
+    if len(data) > limits.max_member_bytes:
+        return f"member is larger than the limit of {limits.max_member_bytes} bytes"
+    if len(data) > budget.bytes_left:
+        raise _archive_full(member, limits)
+    budget.bytes_left -= len(data)
+    return data
+
+
+def _archive_full(member: _Member, limits: SourceLimits) -> _StopExpanding:
+    return _StopExpanding(_failure(member.name, "", (
+        f"archive expands to more than {limits.max_archive_bytes} bytes; stopped expanding")))
