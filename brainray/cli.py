@@ -227,6 +227,26 @@ def init_ray(address: str | None, use_gpu: bool | None) -> bool:
     return use_gpu
 
 
+def _output_uri(command: str, config) -> str:
+    return config.run_dir if command == "train" else config.output
+
+
+def check_output_reachable(command: str, config, alive_nodes: int) -> None:
+    """On a multi-node cluster a local output path would scatter files over the nodes' disks."""
+    from brainray.storage import is_local
+
+    uri = _output_uri(command, config)
+    if alive_nodes > 1 and is_local(uri):
+        raise ValueError(f"the cluster has {alive_nodes} nodes, so the output must be shared "
+                         f"storage (s3://...), not the local path {uri!r}")
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def _fail(command: str, exc: BaseException) -> None:
     from brainray.storage import redact
 
@@ -247,6 +267,7 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = dataclasses.replace(config, use_gpu=init_ray(args.address, args.use_gpu))
+        check_output_reachable(args.command, config, _alive_nodes())
         _run_job(args.command, config)
     except Exception as exc:  # the job's last word must be one readable line
         _fail(args.command, exc)

@@ -266,3 +266,27 @@ def test_parsing_does_not_create_the_run_dir(tmp_path):
     run_dir = tmp_path / "runs" / "x"
     _train("--run-dir", str(run_dir))
     assert not run_dir.exists()
+
+
+# --- multi-node output check ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,flags", [
+    ("train", ["--run-dir", "runs/local"]),
+    ("score", ["--model", "m.pt", "--input", "in", "--output", "out"]),
+    ("evaluate", ["--model", "m.pt", "--data", "d", "--output", "out"]),
+])
+def test_local_output_is_refused_on_a_multi_node_cluster(command, flags):
+    # Given a job whose output is a local path
+    args = cli.build_parser().parse_args([command, *flags])
+    config = cli._CONFIGS[command](args)
+
+    # When the cluster has one node it is accepted; with three it is refused with the reason
+    cli.check_output_reachable(command, config, alive_nodes=1)
+    with pytest.raises(ValueError, match="3 nodes.*s3://"):
+        cli.check_output_reachable(command, config, alive_nodes=3)
+
+
+def test_s3_output_is_accepted_on_a_multi_node_cluster():
+    args = cli.build_parser().parse_args(["train", "--run-dir", "s3://bucket/runs/x"])
+    cli.check_output_reachable("train", cli.train_config(args), alive_nodes=5)
