@@ -21,6 +21,7 @@ COL_LABEL = "label"
 COL_LABEL_NAME = "label_name"
 COL_SHA256 = "sha256"
 COL_FINGERPRINT = "fingerprint"
+COL_THUMBNAIL = "thumbnail"  # 32x32 grayscale, for the nearest-neighbour baseline
 COL_ERROR = "error"
 COL_SPLIT = "split"
 COL_GROUP = "group"

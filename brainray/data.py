@@ -17,8 +17,8 @@ import ray
 import ray.data
 from ray.data import RandomSeedConfig
 
+from brainray import baseline, storage
 from brainray import split as splitting
-from brainray import storage
 from brainray.config import (
     COL_BYTES,
     COL_ERROR,
@@ -30,13 +30,14 @@ from brainray.config import (
     COL_PATH,
     COL_SHA256,
     COL_SPLIT,
+    COL_THUMBNAIL,
     IMAGE_EXTENSIONS,
     PreprocessConfig,
     StorageOptions,
 )
 from brainray.transforms import ImageDecodeError, decode_image, preprocess_image
 
-INDEX_COLUMNS = [COL_PATH, COL_LABEL, COL_SHA256, COL_FINGERPRINT, COL_ERROR]
+INDEX_COLUMNS = [COL_PATH, COL_LABEL, COL_SHA256, COL_FINGERPRINT, COL_THUMBNAIL, COL_ERROR]
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
 
@@ -75,6 +76,7 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
     labels = np.full(n, -1, dtype=np.int64)
     fingerprints = np.zeros(n, dtype=np.uint64)
+    thumbnails = np.zeros((n, baseline.THUMBNAIL_SIZE, baseline.THUMBNAIL_SIZE), dtype=np.uint8)
     sha256s, errors = [], []
     for i in range(n):
         data = batch[COL_BYTES][i]
@@ -88,6 +90,7 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
                 image = decode_image(data, preprocess.max_image_pixels)
                 images[i] = preprocess_image(image, preprocess)
                 fingerprints[i] = splitting.image_fingerprint(image)
+                thumbnails[i] = baseline.thumbnail(image)
             except ImageDecodeError as exc:
                 error = str(exc)
         labels[i] = label if not error else -1
@@ -95,6 +98,7 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
     paths = np.array([uri_prefix + str(p) for p in batch[COL_PATH]], dtype=object)
     return {COL_PATH: paths, COL_IMAGE: images, COL_LABEL: labels,
             COL_SHA256: np.array(sha256s), COL_FINGERPRINT: fingerprints,
+            COL_THUMBNAIL: thumbnails,
             COL_ERROR: np.array(errors, dtype=object)}
 
 

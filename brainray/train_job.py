@@ -9,14 +9,15 @@ from __future__ import annotations
 import posixpath
 import time
 
+import numpy as np
 import pandas as pd
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from brainray import baseline, storage
 from brainray import metrics as metric_fns
 from brainray import split as splitting
-from brainray import storage
 from brainray.config import (
     COL_ERROR,
     COL_GROUP,
@@ -24,6 +25,7 @@ from brainray.config import (
     COL_PATH,
     COL_SHA256,
     COL_SPLIT,
+    COL_THUMBNAIL,
     TrainConfig,
     to_dict,
     to_json,
@@ -99,6 +101,18 @@ def _print_split(summary: dict) -> None:
         print(f"  {name:>22}: {sum(counts.values()):5d}  {counts}", flush=True)
 
 
+def _baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
+                      classes: list[str]) -> dict:
+    """The 1-nearest-neighbour thumbnail baseline on the same split: what memory alone scores."""
+    predicted = baseline.nearest_neighbour_predict(
+        np.stack(train_index[COL_THUMBNAIL].to_numpy()), train_index[COL_LABEL].to_numpy(),
+        np.stack(test_index[COL_THUMBNAIL].to_numpy()))
+    one_hot = np.eye(len(classes))[predicted]
+    full = metric_fns.classification_metrics(test_index[COL_LABEL].to_numpy(), one_hot, classes)
+    return {"method": "1-nearest-neighbour on 32x32 grayscale thumbnails of the train split",
+            **{k: full[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "n_images")}}
+
+
 def _best_model(result, config: TrainConfig) -> tuple[dict, list[dict]]:
     """Copy the best checkpoint's model to run_dir/model.pt; return it and the epoch history."""
     best = result.get_best_checkpoint(metric="val_loss", mode="min")
@@ -152,6 +166,9 @@ def run_training(config: TrainConfig) -> dict:
                                   storage.join(config.run_dir, MODEL_FILE), options,
                                   use_gpu=config.use_gpu)
     test = compute_metrics(predictions, classes)
+    test_index = (held_out.index[held_out.index[COL_ERROR] == ""] if held_out is not None
+                  else index[index[COL_SPLIT] == "test"])
+    nn_baseline = _baseline_metrics(index[index[COL_SPLIT] == "train"], test_index, classes)
     images_trained = sum(h["train_images"] for h in history)
     report = {
         **test,
@@ -161,6 +178,7 @@ def run_training(config: TrainConfig) -> dict:
         "training_wall_s": wall_s,
         "training_images_per_s": images_trained / max(sum(h["train_seconds"] for h in history),
                                                       1e-9),
+        "baseline_1nn": nn_baseline,
         "split": split_summary,
         "skipped_files": skipped_files(labeled.index) + (
             skipped_files(held_out.index) if held_out is not None else []),
@@ -169,6 +187,8 @@ def run_training(config: TrainConfig) -> dict:
     write_report(config.run_dir, report, options, predictions_table(predictions, classes), history)
     print(f"test set ({test['n_images']} images, best epoch {checkpoint['epoch']}):\n"
           + metric_fns.format_summary(test), flush=True)
+    print(f"trivial baseline (1-NN on thumbnails, same split): accuracy "
+          f"{nn_baseline['accuracy']:.4f}, macro F1 {nn_baseline['macro_f1']:.4f}", flush=True)
     if report["skipped_files"]:
         print(f"skipped {len(report['skipped_files'])} unreadable file(s), listed in metrics.json:")
         for item in report["skipped_files"][:10]:

@@ -64,6 +64,9 @@ def test_train_on_s3_with_two_workers_then_evaluate(ray_cluster, s3_bucket, s3_o
     assert metrics["history"][0]["val_images"] == (split["split"] == "val").sum()
     assert metrics["n_images"] == (split["split"] == "test").sum()
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["n_images"]
+    # the trivial nearest-neighbour baseline is reported on the same test images
+    assert metrics["baseline_1nn"]["n_images"] == metrics["n_images"]
+    assert 0.0 <= metrics["baseline_1nn"]["accuracy"] <= 1.0
 
     skipped = {item["path"].rsplit("/", 2)[-2] + "/" + item["path"].rsplit("/", 1)[-1]: item[
         "error"] for item in metrics["skipped_files"]}
