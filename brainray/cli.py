@@ -1,4 +1,6 @@
-"""Command line: `brainray train|evaluate|score`. Flags become frozen configs; `ray.init` is here.
+"""Command line: `brainray train|evaluate|score|explain|export`. Flags become frozen configs.
+
+`ray.init` lives only here; explain and export run on the driver without Ray.
 
 Exit status 0 on success; on failure a one-line reason on stderr and status 1 (2 for bad usage).
 """
@@ -18,10 +20,14 @@ from brainray.config import (
     MODEL_NAMES,
     PRECISIONS,
     EvalConfig,
+    ExplainConfig,
+    ExportConfig,
     PreprocessConfig,
     ScoreConfig,
     TrainConfig,
 )
+
+SAMPLE_EPOCHS = 5
 
 
 def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +70,9 @@ def _train_parser(sub) -> None:
     m = p.add_argument_group("model and optimisation")
     m.add_argument("--model", choices=MODEL_NAMES, default=d["model"].default,
                    help="paper_cnn: the paper's network; bn_cnn: batch-norm + global pooling")
-    m.add_argument("--epochs", type=int, default=d["epochs"].default, help="maximum epochs")
+    m.add_argument("--epochs", type=int, default=None,
+                   help=f"maximum epochs (default {d['epochs'].default}; {SAMPLE_EPOCHS} on the "
+                        "embedded sample, a quick demonstration)")
     m.add_argument("--batch-size", type=int, default=d["batch_size_per_worker"].default,
                    help="images per batch per worker")
     m.add_argument("--lr", type=float, default=d["lr"].default, help="peak Adam learning rate")
@@ -75,6 +83,9 @@ def _train_parser(sub) -> None:
                    default=d["lr_schedule"].default, help="after warm-up")
     m.add_argument("--patience", type=int, default=d["patience"].default,
                    help="early stopping: epochs without validation-loss improvement")
+    m.add_argument("--shuffle-buffer", type=int, default=d["shuffle_buffer_images"].default,
+                   help="images per worker in the local shuffle buffer (block order is also "
+                        "reshuffled every epoch)")
     m.add_argument("--augment", choices=AUGMENT_LEVELS, default=d["augment"].default,
                    help="paper: rotation 30 deg, h/v flips, zoom/crop, brightness/contrast 0.2")
     m.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
@@ -98,6 +109,10 @@ def _train_parser(sub) -> None:
                    help="intra-op threads per worker; 0 = the node's cores / its workers")
     c.add_argument("--max-failures", type=int, default=d["max_failures"].default,
                    help="restarts from the latest checkpoint after a worker dies")
+    t = p.add_argument_group("calibration and abstention")
+    t.add_argument("--target-accuracy", type=float, default=d["target_accuracy"].default,
+                   help="the review threshold stored with the model is the smallest calibrated "
+                        "confidence whose accepted validation images reach this accuracy")
     _add_cluster_flags(p)
     _add_storage_flags(p)
 
@@ -111,6 +126,9 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--output", required=True, help="directory URI for metrics.json and plots")
     p.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
     p.add_argument("--num-actors", type=int, default=1, help="inference actors (model copies)")
+    p.add_argument("--shortcut-check", action="store_true",
+                   help="also evaluate brain-only and background-only versions of the images; "
+                        "flags a model that classifies from the background")
     _add_cluster_flags(p)
     _add_storage_flags(p)
 
@@ -134,7 +152,15 @@ def _score_parser(sub) -> None:
                    help="torch threads per CPU actor; 0 = the node's cores / actors")
     p.add_argument("--confidence-threshold", type=float,
                    default=d["confidence_threshold"].default,
-                   help="rows whose top probability is below this get needs_review = true")
+                   help="rows whose top probability is below this get needs_review = true "
+                        "(default: the review threshold stored in the checkpoint, chosen on "
+                        "validation at training time; 0.7 for older checkpoints)")
+    p.add_argument("--no-ood-check", dest="ood_check", action="store_false",
+                   help="do not flag inputs that are clearly not brain MRI (colour, blank, "
+                        "documents) as out_of_distribution")
+    p.add_argument("--explain-review-dir", default=None,
+                   help="folder URI: write a Grad-CAM overlay <content_sha256>[-f<frame>].png "
+                        "for every row with needs_review = true")
     p.add_argument("--rescore", dest="incremental", action="store_false",
                    help="score every input again, even those this model already scored "
                         "(adds rows; default is incremental)")
@@ -146,12 +172,43 @@ def _score_parser(sub) -> None:
     _add_storage_flags(p)
 
 
+def _explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM heatmap overlays (PNG) for chosen images",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ExplainConfig.__dataclass_fields__
+    p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
+    p.add_argument("--input", action="append", required=True, dest="inputs",
+                   help="folder, S3 prefix, image/DICOM/archive file, or a .txt/.lst file "
+                        "listing URIs (one per line); repeatable")
+    p.add_argument("--output", required=True,
+                   help="folder URI for the overlay PNGs and explanations.csv")
+    p.add_argument("--target-class", default=None,
+                   help="class name (or index) to explain (default: each image's predicted "
+                        "class)")
+    p.add_argument("--max-images", type=int, default=d["max_images"].default,
+                   help="stop after this many images")
+    _add_storage_flags(p)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="TorchScript (and ONNX if installed) with calibration",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
+    p.add_argument("--output", required=True, help="folder URI for model.ts, model.onnx and "
+                                                   "export.json")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false",
+                   help="TorchScript only, even when the onnx package is installed")
+    _add_storage_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _evaluate_parser(sub)
     _score_parser(sub)
+    _explain_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -159,6 +216,12 @@ def _storage(args):
     from brainray.storage import storage_options
 
     return storage_options(args.s3_endpoint, args.s3_region)
+
+
+def _epochs(args) -> int:
+    if args.epochs is not None:
+        return args.epochs
+    return SAMPLE_EPOCHS if args.data is None else TrainConfig.epochs
 
 
 def train_config(args) -> TrainConfig:
@@ -169,21 +232,25 @@ def train_config(args) -> TrainConfig:
     return TrainConfig(
         data=args.data or sample_data_dir(), run_dir=run_dir, test_data=args.test_data,
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-        model=args.model, epochs=args.epochs, batch_size_per_worker=args.batch_size, lr=args.lr,
+        model=args.model, epochs=_epochs(args), batch_size_per_worker=args.batch_size,
+        lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         lr_schedule=args.lr_schedule, patience=args.patience, augment=args.augment,
+        shuffle_buffer_images=args.shuffle_buffer,
         num_workers=args.num_workers, use_gpu=bool(args.use_gpu),
         cpus_per_worker=args.cpus_per_worker, torch_threads=args.torch_threads,
         precision=args.precision, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         dedup_max_hamming=args.dedup_max_hamming, max_failures=args.max_failures,
-        preprocess=PreprocessConfig(image_size=args.image_size), storage=_storage(args))
+        preprocess=PreprocessConfig(image_size=args.image_size), storage=_storage(args),
+        target_accuracy=args.target_accuracy)
 
 
 def eval_config(args) -> EvalConfig:
     return EvalConfig(model=args.model, data=args.data, output=args.output,
                       batch_size=args.batch_size, num_actors=args.num_actors,
-                      use_gpu=bool(args.use_gpu), storage=_storage(args))
+                      use_gpu=bool(args.use_gpu), storage=_storage(args),
+                      shortcut_check=args.shortcut_check)
 
 
 def score_config(args) -> ScoreConfig:
@@ -193,10 +260,25 @@ def score_config(args) -> ScoreConfig:
         num_gpus_per_actor=args.num_gpus_per_actor, threads_per_actor=args.threads_per_actor,
         confidence_threshold=args.confidence_threshold, incremental=args.incremental,
         files_per_task=args.files_per_task, rows_per_file=args.rows_per_file,
-        storage=_storage(args))
+        storage=_storage(args), ood_check=args.ood_check,
+        explain_review_dir=args.explain_review_dir)
 
 
-_CONFIGS = {"train": train_config, "evaluate": eval_config, "score": score_config}
+def explain_config(args) -> ExplainConfig:
+    return ExplainConfig(model=args.model, inputs=tuple(args.inputs), output=args.output,
+                         target_class=args.target_class, max_images=args.max_images,
+                         storage=_storage(args))
+
+
+def export_config(args) -> ExportConfig:
+    return ExportConfig(model=args.model, output=args.output, onnx=args.onnx,
+                        storage=_storage(args))
+
+
+_CONFIGS = {"train": train_config, "evaluate": eval_config, "score": score_config,
+            "explain": explain_config, "export": export_config}
+# Commands that run on the driver alone: no Ray cluster is started or joined.
+_WITHOUT_RAY = ("explain", "export")
 
 
 def _run_job(command: str, config) -> None:
@@ -208,6 +290,14 @@ def _run_job(command: str, config) -> None:
         from brainray.evaluate import run_evaluation
 
         run_evaluation(config)
+    elif command == "explain":
+        from brainray.explain import run_explain
+
+        run_explain(config)
+    elif command == "export":
+        from brainray.export import run_export
+
+        run_export(config)
     else:
         from brainray.score import run_scoring
 
@@ -247,11 +337,23 @@ def _alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user-code error inside Ray's wrappers (RayTaskError -> UserCodeException -> cause),
+    whose message names the file or URI, rather than the wrapper's `ray::MapWorker(...)` line."""
+    for _ in range(10):
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None or inner is exc or not type(exc).__module__.startswith("ray"):
+            break
+        exc = inner
+    return exc
+
+
 def _fail(command: str, exc: BaseException) -> None:
     from brainray.storage import redact
 
     if os.environ.get("BRAINRAY_DEBUG"):
         traceback.print_exception(exc)
+    exc = _root_cause(exc)
     message = redact(str(exc)).strip().splitlines()
     reason = message[0] if message else type(exc).__name__
     print(f"brainray {command}: error: {reason}", file=sys.stderr)
@@ -266,6 +368,9 @@ def run(argv: list[str] | None = None) -> int:
         _fail(args.command, exc)
         return 2
     try:
+        if args.command in _WITHOUT_RAY:
+            _run_job(args.command, config)
+            return 0
         config = dataclasses.replace(config, use_gpu=init_ray(args.address, args.use_gpu))
         check_output_reachable(args.command, config, _alive_nodes())
         _run_job(args.command, config)

@@ -96,6 +96,7 @@ class TrainConfig:
     warmup_epochs: int = 1
     lr_schedule: str = "cosine"  # "cosine" decays to 0 over `epochs`; "constant"
     patience: int = 6  # epochs without validation-loss improvement before stopping
+    shuffle_buffer_images: int = 1000  # per-worker local shuffle buffer (x 150 KB at 224 px)
     augment: str = "paper"
     num_workers: int = 1
     use_gpu: bool = False
@@ -109,6 +110,8 @@ class TrainConfig:
     max_failures: int = 2
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
+    # abstention: the review threshold is chosen on validation for this accepted-set accuracy
+    target_accuracy: float = 0.99
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,6 +124,7 @@ class TrainConfig:
             (self.batch_size_per_worker >= 1, "batch size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.patience >= 1, "patience must be >= 1"),
+            (self.shuffle_buffer_images >= 1, "shuffle buffer must be >= 1 image"),
             (self.num_workers >= 1, "num_workers must be >= 1"),
             (len(set(self.classes)) == len(self.classes) >= 2, "classes must be >= 2 unique names"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
@@ -128,6 +132,7 @@ class TrainConfig:
             (self.test_fraction > 0 or self.test_data is not None,
              "test_fraction must be > 0 unless test_data is given"),
             (self.val_fraction + self.test_fraction < 1, "val + test fractions must be < 1"),
+            (0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -152,6 +157,7 @@ class EvalConfig:
     num_actors: int = 1
     use_gpu: bool = False
     storage: StorageOptions = field(default_factory=StorageOptions)
+    shortcut_check: bool = False  # also evaluate brain-only and background-only images
 
 
 @dataclass(frozen=True)
@@ -166,21 +172,53 @@ class ScoreConfig:
     use_gpu: bool = False
     num_gpus_per_actor: float = 1.0
     threads_per_actor: int = 0  # 0 = this node's cores / actors (CPU inference)
-    confidence_threshold: float = 0.7  # below this a row gets needs_review = true
+    # below this a row gets needs_review = true; None = the checkpoint's review threshold
+    # (chosen on validation at training time), else 0.7
+    confidence_threshold: float | None = None
     incremental: bool = True  # skip files already scored by the same model
     files_per_task: int = 16  # input files per read task
     rows_per_file: int = 50_000  # target Parquet rows per output file
     max_file_bytes: int = 2 * 1024**3  # larger files become error rows, unread
     storage: StorageOptions = field(default_factory=StorageOptions)
+    ood_check: bool = True  # flag inputs that are clearly not brain MRI (brainray.ood)
+    explain_review_dir: str | None = None  # Grad-CAM overlays of needs_review rows go here
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("give at least one --input")
-        if not 0.0 <= self.confidence_threshold <= 1.0:
+        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError("confidence threshold must be in [0, 1]")
         if min(self.batch_size, self.concurrency, self.files_per_task, self.rows_per_file) < 1:
             raise ValueError("batch size, concurrency, files per task and rows per file "
                              "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Grad-CAM overlays for chosen images (runs on the driver; no Ray)."""
+
+    model: str  # checkpoint file URI or run directory URI
+    inputs: tuple[str, ...]  # folders, prefixes, single files, or .txt/.lst lists of URIs
+    output: str  # folder URI for the PNGs and explanations.csv
+    target_class: str | None = None  # class name or index; None = the predicted class
+    max_images: int = 200
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("give at least one --input")
+        if self.max_images < 1:
+            raise ValueError("max images must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """TorchScript (and ONNX when installed) export of a checkpoint with its temperature."""
+
+    model: str  # checkpoint file URI or run directory URI
+    output: str  # folder URI
+    onnx: bool = True  # also ONNX, if the onnx package is installed
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
 
 def to_dict(config) -> dict:

@@ -210,5 +210,11 @@ def select_rows(dataset: ray.data.Dataset, paths,
 
 
 def shuffled_each_epoch(dataset: ray.data.Dataset, seed: int) -> ray.data.Dataset:
-    """A global shuffle that draws a new, seed-determined order every time it is iterated."""
-    return dataset.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    """Blocks in a new seed-determined order on every pass over the data.
+
+    Together with the workers' local shuffle buffer this mixes classes across batches at almost
+    no cost; a full `random_shuffle` moved every image through the object store each epoch
+    (about 15% of an epoch on 2 CPUs) for little gain in randomness.
+    """
+    return dataset.randomize_block_order(
+        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))

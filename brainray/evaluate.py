@@ -22,7 +22,7 @@ from brainray.config import (
     to_dict,
 )
 from brainray.data import load_labeled, select_rows
-from brainray.model import preprocess_config
+from brainray.model import preprocess_config, temperature_of
 from brainray.predict import COL_PROBS, Predictor, load_checkpoint, resolve_checkpoint_uri
 
 
@@ -99,9 +99,23 @@ def run_evaluation(config: EvalConfig) -> dict:
     test = compute_metrics(predictions, classes)
     report = {**test, "model_id": checkpoint["model_id"], "model": storage.redact(model_uri),
               "data": storage.redact(config.data), "skipped_files": skipped_files(labeled.index),
-              "config": to_dict(config)}
+              "config": to_dict(config), "temperature": temperature_of(checkpoint)}
+    if getattr(config, "shortcut_check", False):
+        from brainray.shortcut import run_shortcut_check
+
+        report["shortcut"] = run_shortcut_check(
+            labeled.dataset, usable, model_uri, options, classes, predictions, config.batch_size,
+            config.num_actors, config.use_gpu)
     write_report(config.output, report, options, predictions_table(predictions, classes))
     print(metric_fns.format_summary(test), flush=True)
+    if "shortcut" in report:
+        shortcut = report["shortcut"]
+        print(f"shortcut check: balanced accuracy brain only "
+              f"{shortcut['brain_only']['balanced_accuracy']:.3f}, background only "
+              f"{shortcut['background_only']['balanced_accuracy']:.3f} (chance "
+              f"{shortcut['chance_balanced_accuracy']:.3f}): "
+              + ("SHORTCUT SUSPECTED" if shortcut["shortcut_suspected"] else "no shortcut found"),
+              flush=True)
     if report["skipped_files"]:
         print(f"skipped {len(report['skipped_files'])} unreadable file(s); see metrics.json")
     return report

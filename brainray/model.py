@@ -163,3 +163,33 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
 
 def preprocess_config(checkpoint: dict) -> PreprocessConfig:
     return PreprocessConfig(**checkpoint["preprocess"])
+
+
+# Optional fields added after training (calibration.py, ood.py). Checkpoints without them load
+# and behave as before: temperature 1.0, the default review threshold, default OOD bounds.
+DEFAULT_REVIEW_THRESHOLD = 0.7
+
+
+def temperature_of(checkpoint: dict) -> float:
+    """The calibration temperature T (probabilities = softmax(logits / T)); 1.0 when absent."""
+    value = checkpoint.get("temperature")
+    if value is None:
+        return 1.0
+    value = float(value)
+    if not (value > 0 and value < float("inf")):
+        raise CheckpointError(f"checkpoint temperature must be a positive number, not {value}")
+    return value
+
+
+def review_threshold_of(checkpoint: dict, explicit: float | None = None) -> float:
+    """needs_review threshold: an explicit value, else the checkpoint's, else 0.7."""
+    if explicit is not None:
+        return float(explicit)
+    value = checkpoint.get("review_threshold")
+    return DEFAULT_REVIEW_THRESHOLD if value is None else float(value)
+
+
+def with_fields(checkpoint: dict, **fields) -> dict:
+    """A copy with extra plain-value fields (temperature, review_threshold, ...). The weights and
+    so `model_id` are unchanged: calibration does not make a new model identity."""
+    return {**checkpoint, **fields}

@@ -10,7 +10,7 @@ import torch
 
 from brainray import storage
 from brainray.config import COL_IMAGE, StorageOptions
-from brainray.model import deserialize, model_from_checkpoint
+from brainray.model import deserialize, model_from_checkpoint, temperature_of
 from brainray.transforms import to_model_input
 
 COL_PROBS = "probs"
@@ -59,12 +59,16 @@ class Predictor:
         self.model_id = checkpoint["model_id"]
         self.model_name = checkpoint["model_name"]
         self.classes = checkpoint["classes"]
+        # Calibration and guards stored after training; absent in older checkpoints (T = 1).
+        self.temperature = temperature_of(checkpoint)
+        self.review_threshold = checkpoint.get("review_threshold")
+        self.ood_reference = checkpoint.get("ood_reference")
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
         with torch.inference_mode(), autocast_for(self.device, self.precision):
             logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k != COL_IMAGE}

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import os
 import posixpath
+import stat
 import time
 import urllib.parse
 import uuid
@@ -23,10 +24,10 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
+from brainray import ood, storage
 from brainray import output as publish
-from brainray import storage
-from brainray.config import PreprocessConfig, ScoreConfig, StorageOptions, to_json
-from brainray.model import preprocess_config
+from brainray.config import PreprocessConfig, ScoreConfig, StorageOptions
+from brainray.model import preprocess_config, review_threshold_of
 from brainray.predict import Predictor, load_checkpoint, resolve_checkpoint_uri
 from brainray.sources import SourceLimits, expand, is_supported
 from brainray.transforms import preprocess_image
@@ -49,7 +50,9 @@ def output_schema(classes: list[str]) -> pa.Schema:
            pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
            pa.field("status", pa.string(), nullable=False), pa.field("error", pa.string()),
            pa.field("source_size", pa.int64()), pa.field("source_mtime_ns", pa.int64()),
-           pa.field("run_id", pa.string(), nullable=False)])
+           pa.field("run_id", pa.string(), nullable=False),
+           # added: not brain MRI by brainray.ood's checks (such rows also get needs_review)
+           pa.field("out_of_distribution", pa.bool_())])
 
 
 def display_uri(uri: str) -> str:
@@ -61,24 +64,76 @@ def display_uri(uri: str) -> str:
         return urllib.parse.quote(raw, safe="/:!@=+,;~")
 
 
+def _walk_local(root: str):
+    """(path, stat) of every file under a local folder, or of the file itself.
+
+    Follows symbolic links (as pyarrow's listing does) but enters each real directory once, so a
+    link back up the tree cannot make the listing loop; pyarrow's recursive FileSelector never
+    returns on one. Linked folders are entered after every folder reachable without links, so a
+    folder inside the tree keeps its own path (a `latest -> 2026-11` link does not rename it).
+    Names are str with surrogate escapes, so file names that are not valid UTF-8 are listed and
+    can be read (pyarrow raises UnicodeDecodeError on them).
+    """
+    top = os.stat(root)  # FileNotFoundError when the input does not exist
+    if not stat.S_ISDIR(top.st_mode):
+        yield root, top
+        return
+    seen: set[tuple[int, int]] = set()
+    folders, linked = [root], []
+    while folders or linked:
+        folder = folders.pop() if folders else linked.pop(0)
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                try:
+                    if entry.is_dir():
+                        (linked if entry.is_symlink() else folders).append(entry.path)
+                    elif entry.is_file():
+                        yield entry.path, entry.stat()
+                except OSError:
+                    continue  # a broken or looping link, or a file that vanished: not an input
+
+
+def _list_files(fs: pafs.FileSystem, path: str):
+    """(path, size, mtime_ns) of the files under `path` on any filesystem."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        for file_path, info in _walk_local(path):
+            yield file_path, info.st_size, info.st_mtime_ns
+        return
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
+        pafs.FileSelector(path, recursive=True))
+    for item in infos:
+        if item.type == pafs.FileType.File:
+            yield item.path, int(item.size or 0), int(item.mtime_ns or 0)
+
+
+def _valid_utf8(text: str) -> str:
+    """`text` with any surrogate-escaped bytes (from non-UTF-8 file names) made printable."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def list_inputs(inputs: tuple[str, ...], options: StorageOptions) -> list[dict]:
     """Every supported file under the input URIs, with size and mtime (metadata only)."""
     found: dict[str, dict] = {}
     for uri in inputs:
         fs, path = storage.resolve(uri, options)
         try:
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                raise storage.StorageError(f"input {storage.redact(uri)} does not exist")
-            infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
-                pafs.FileSelector(path, recursive=True))
+            files = list(_list_files(fs, path))
+        except FileNotFoundError as exc:
+            raise storage.StorageError(f"input {storage.redact(uri)} does not exist") from exc
         except OSError as exc:
-            raise storage.StorageError(f"cannot list {storage.redact(uri)}: {exc}") from exc
-        for item in infos:
-            if item.type == pafs.FileType.File and is_supported(item.path):
-                key = storage.to_uri(fs, item.path)
-                found[key] = {"uri": key, "size": int(item.size or 0),
-                              "mtime_ns": int(item.mtime_ns or 0)}
+            raise storage.StorageError(
+                f"cannot list {storage.redact(uri)}: {storage.redact(str(exc))}") from exc
+        for file_path, size, mtime_ns in files:
+            if is_supported(file_path):
+                key = storage.to_uri(fs, file_path)
+                found[key] = {"uri": key, "size": int(size), "mtime_ns": int(mtime_ns)}
     return [found[k] for k in sorted(found)]
 
 
@@ -108,8 +163,12 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
             try:
                 data, error = storage.read_bytes(uri, options), ""
                 items = expand(uri, data, limits)
+            except storage.TransientStorageError:
+                # Storage down or throttling past the retries: fail the job (nothing is
+                # committed; the next run retries) rather than record the file as scored.
+                raise
             except storage.StorageError as exc:
-                items, data, error = [], None, str(exc)
+                items, data, error = [], None, _valid_utf8(str(exc))
         if not items:  # unreadable file, or an archive with no images
             digest = hashlib.sha256(data).hexdigest() if data else None
             items = [(None, None, None, digest, error or "no images found in file")]
@@ -151,15 +210,26 @@ class Scorer:
     """One model per actor: scores the ok rows of a block and emits rows in the output schema."""
 
     def __init__(self, model_uri: str, options: StorageOptions, use_gpu: bool,
-                 threshold: float, run_id: str, threads: int):
+                 threshold: float | None, run_id: str, threads: int, ood_check: bool = True,
+                 explain_dir: str | None = None):
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
         self.predictor = Predictor(model_uri, options, use_gpu=use_gpu)
         self.classes = self.predictor.classes
         self.model_name = self.predictor.model_name
         self.schema = output_schema(self.classes)
-        self.threshold = threshold
+        # None: the review threshold stored in the checkpoint (chosen on validation), else 0.7
+        self.threshold = review_threshold_of(
+            {"review_threshold": self.predictor.review_threshold}, threshold)
         self.run_id = run_id
+        self.ood_check = ood_check
+        self.explainer = None
+        if explain_dir:
+            from brainray.explain import ReviewExplainer
+
+            self.explainer = ReviewExplainer(self.predictor.model, self.predictor.temperature,
+                                             self.classes, explain_dir, options,
+                                             self.predictor.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
@@ -169,6 +239,17 @@ class Scorer:
             probs[ok] = self.predictor.predict(batch["image"][ok])
         best = np.nan_to_num(probs, nan=-1.0).argmax(1)
         confidence = probs.max(1, initial=-np.inf, where=~np.isnan(probs))
+        ood_flags, ood_reasons = np.zeros(n, dtype=bool), [""] * n
+        if self.ood_check and ok.any():
+            flags, reasons = ood.check(batch["image"][ok], self.predictor.ood_reference)
+            ood_flags[ok] = flags
+            for i, reason in zip(np.flatnonzero(ok), reasons, strict=True):
+                ood_reasons[i] = reason
+        review = ok & ((confidence < self.threshold) | ood_flags)
+        if self.explainer is not None and review.any():
+            rows = np.flatnonzero(review)
+            self.explainer.write(batch["image"][rows], [batch["content_sha256"][i] for i in rows],
+                                 [batch["frame"][i] for i in rows], [ood_reasons[i] for i in rows])
         columns = {
             "uri": batch["uri"], "member": batch["member"], "frame": batch["frame"],
             "content_sha256": batch["content_sha256"],
@@ -178,13 +259,14 @@ class Scorer:
             **{f"prob_{name}": [float(p) if o else None for p, o in zip(probs[:, i], ok,
                                                                         strict=True)]
                for i, name in enumerate(self.classes)},
-            "needs_review": [bool(c < self.threshold) if o else None
-                             for c, o in zip(confidence, ok, strict=True)],
+            "needs_review": [bool(r) if o else None for r, o in zip(review, ok, strict=True)],
             "model_id": [self.predictor.model_id] * n, "model_name": [self.model_name] * n,
             "scored_at": [dt.datetime.now(dt.UTC)] * n,
             "status": batch["status"], "error": batch["error"],
             "source_size": batch["source_size"], "source_mtime_ns": batch["source_mtime_ns"],
             "run_id": [self.run_id] * n,
+            "out_of_distribution": [bool(f) if o else None for f, o in zip(ood_flags, ok,
+                                                                           strict=True)],
         }
         return pa.table({k: _arrow_column(v, self.schema.field(k).type)
                          for k, v in columns.items()}, schema=self.schema)
@@ -194,13 +276,29 @@ def _summarize(staging: str, options: StorageOptions, threshold: float) -> dict:
     """Counts from the staged files (a few small columns; images never come back)."""
     fs, path = storage.resolve(staging, options)
     table = pq.read_table(path, filesystem=fs,
-                          columns=["status", "predicted_label", "needs_review"])
+                          columns=["status", "predicted_label", "needs_review",
+                                   "out_of_distribution"])
     status = Counter(table["status"].to_pylist())
     return {"images": table.num_rows, "ok": status.get(STATUS_OK, 0),
             "errors": status.get(STATUS_ERROR, 0),
             "predicted": dict(Counter(p for p in table["predicted_label"].to_pylist() if p)),
             "needs_review": sum(1 for r in table["needs_review"].to_pylist() if r),
+            "out_of_distribution": sum(1 for r in table["out_of_distribution"].to_pylist() if r),
             "confidence_threshold": threshold}
+
+
+def _check_output_classes(output: str, classes: list[str], options: StorageOptions) -> None:
+    """One dataset holds one set of prob_ columns: refuse a model whose classes differ from those
+    of the rows already published, before any work is done."""
+    files = publish.published_files(output, options)
+    if not files:
+        return
+    fs, path = storage.resolve(files[-1], options)
+    names = pq.read_schema(path, filesystem=fs).names
+    published = [name.removeprefix("prob_") for name in names if name.startswith("prob_")]
+    if published != list(classes):
+        raise ValueError(f"{storage.redact(output)} holds scores for classes {published}, but "
+                         f"the model was trained on {list(classes)}; score into another --output")
 
 
 def _actor_threads(config: ScoreConfig) -> int:
@@ -208,14 +306,20 @@ def _actor_threads(config: ScoreConfig) -> int:
 
 
 def run_scoring(config: ScoreConfig) -> dict:
-    print("brainray score\n" + to_json(config), flush=True)
+    print("brainray score\n" + storage.redacted_json(config), flush=True)
     options = config.storage
     storage.ensure_writable(config.output, options)
     model_uri = resolve_checkpoint_uri(config.model, options)
     checkpoint = load_checkpoint(model_uri, options)
     model_id = checkpoint["model_id"]
+    threshold = review_threshold_of(checkpoint, config.confidence_threshold)
+    print(f"needs_review below confidence {threshold:.3f} ("
+          + ("--confidence-threshold" if config.confidence_threshold is not None else
+             "the checkpoint's review threshold" if "review_threshold" in checkpoint else
+             "default") + ")", flush=True)
     for line in publish.recover(config.output, options):
         print(line, flush=True)
+    _check_output_classes(config.output, checkpoint["classes"], options)
 
     files = list_inputs(config.inputs, options)
     skipped = 0
@@ -232,6 +336,11 @@ def run_scoring(config: ScoreConfig) -> dict:
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     staging = publish.staging_uri(config.output, run_id)
     started = time.perf_counter()
+    context = ray.data.DataContext.get_current()
+    raise_original = context.raise_original_map_exception
+    # Tasks raise our own exceptions, not Ray's UserCodeException (which drops the cause), so a
+    # storage outage while reading fails the job with its real one-line reason.
+    context.raise_original_map_exception = True
     scored = (
         ray.data.from_items(files)
         .map_batches(read_and_preprocess, batch_size=config.files_per_task, fn_kwargs={
@@ -241,15 +350,24 @@ def run_scoring(config: ScoreConfig) -> dict:
         .map_batches(Scorer, batch_size=config.batch_size,
                      fn_constructor_kwargs={
                          "model_uri": model_uri, "options": options, "use_gpu": config.use_gpu,
-                         "threshold": config.confidence_threshold, "run_id": run_id,
-                         "threads": _actor_threads(config)},
+                         "threshold": threshold, "run_id": run_id,
+                         "threads": _actor_threads(config),
+                         "ood_check": config.ood_check,
+                         "explain_dir": config.explain_review_dir},
                      compute=ray.data.ActorPoolStrategy(size=config.concurrency),
                      num_gpus=config.num_gpus_per_actor if config.use_gpu else 0))
     fs, staging_path = storage.resolve(staging, options)
-    scored.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file)
+    try:
+        scored.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, storage.StorageError):
+            raise exc.cause from None
+        raise
+    finally:
+        context.raise_original_map_exception = raise_original
     wall_s = time.perf_counter() - started
 
-    summary = {**_summarize(staging, options, config.confidence_threshold), "files": len(files),
+    summary = {**_summarize(staging, options, threshold), "files": len(files),
                "skipped_files": skipped, "model_id": model_id, "run_id": run_id,
                "wall_s": wall_s}
     summary["images_per_s"] = summary["images"] / max(wall_s, 1e-9)
@@ -262,8 +380,9 @@ def run_scoring(config: ScoreConfig) -> dict:
 def _print_summary(summary: dict, output: str) -> None:
     print(f"scored {summary['images']} image(s) from {summary['files']} file(s) in "
           f"{summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s): "
-          f"{summary['ok']} ok, {summary['errors']} error(s), {summary['needs_review']} below "
-          f"confidence {summary['confidence_threshold']}", flush=True)
+          f"{summary['ok']} ok, {summary['errors']} error(s), {summary['needs_review']} to "
+          f"review (confidence below {summary['confidence_threshold']:.3f} or out of "
+          f"distribution: {summary['out_of_distribution']})", flush=True)
     print(f"predicted: {summary['predicted']}", flush=True)
     print(f"committed run {summary['run_id']} to "
           f"{storage.redact(posixpath.join(output, publish.SCORES_DIR))}", flush=True)

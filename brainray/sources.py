@@ -375,6 +375,7 @@ def _unit_to_uint8(unit: np.ndarray) -> np.ndarray:
 # --- archives ---------------------------------------------------------------------------------
 
 _FILE, _DIR, _LINK, _DEVICE, _OTHER = "file", "directory", "link", "device", "other"
+_READ_CHUNK = 1024**2  # archive members are read this much at a time
 
 
 @dataclass(frozen=True)
@@ -520,8 +521,17 @@ def _read_member(member: _Member, kind: str | None, limits: SourceLimits,
                     f"{limits.max_member_bytes}")
         if member.size > budget.bytes_left:
             raise _archive_full(member, limits)
-        # Headers can lie: never read more than the limit, whatever the size field said.
-        data = head + stream.read(limits.max_member_bytes + 1 - len(head))
+        # Headers can lie: never read more than the limit, whatever the size field said. Read in
+        # chunks: zipfile inflates as much as one read() asks for before it checks the declared
+        # size, so a single read would inflate a lying bomb up to the limit in memory.
+        chunks, total = [head], len(head)
+        while total <= limits.max_member_bytes:
+            chunk = stream.read(min(_READ_CHUNK, limits.max_member_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        data = b"".join(chunks)
     if len(data) > limits.max_member_bytes:
         return f"member is larger than the limit of {limits.max_member_bytes} bytes"
     if len(data) > budget.bytes_left:

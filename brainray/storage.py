@@ -20,11 +20,26 @@ import pyarrow.fs as pafs
 from brainray.config import StorageOptions
 
 DEFAULT_REGION = "us-east-1"
-_S3_RETRY_ATTEMPTS = 10
+# Every S3 request is retried by the AWS SDK's standard strategy (exponential backoff with full
+# jitter: the n-th retry waits up to 2^(n-1) s) on connection errors, 500/503 and throttling. Four
+# attempts ride out transient faults (tested through a fault-injecting proxy) while an endpoint
+# that is down fails in seconds: 10 attempts took ~90 s per request before giving up.
+_S3_RETRY_ATTEMPTS = 4
+_S3_CONNECT_TIMEOUT_S = 2.0  # per connection attempt (AWS SDK default: 1 s)
+_S3_REQUEST_TIMEOUT_S = 3.0  # Linux: a request moving < 1 byte/s for this long is aborted
+# Errors the SDK already retried: what is left after the last attempt is a storage outage, not a
+# property of the object (matched against Arrow's error text, as Ray Data does).
+_TRANSIENT = re.compile(r"AWS Error (NETWORK_CONNECTION|SLOW_DOWN|SERVICE_UNAVAILABLE|"
+                        r"INTERNAL_FAILURE|THROTTLING|REQUEST_TIMEOUT)|HTTP status 5\d\d|curlCode")
 
 
 class StorageError(RuntimeError):
     """A storage location could not be used; the message names the URI and what to do."""
+
+
+class TransientStorageError(StorageError):
+    """Object storage failed in a way that may pass (network, 5xx, throttling) even after the
+    SDK's retries; the object itself may be fine, so callers should fail the job, not the file."""
 
 
 def storage_options(s3_endpoint: str | None = None, s3_region: str | None = None) -> StorageOptions:
@@ -49,16 +64,40 @@ def redact(text: str) -> str:
     return re.sub(r"(\w+://[^\s?]+)\?\S*", r"\1", text)
 
 
+def redact_values(value):
+    """A copy of a JSON-like value (dicts, lists, strings) with `redact` applied to every string:
+    for logging or saving configs whose URIs might carry credentials or signatures."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact_values(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_values(item) for item in value]
+    return value
+
+
+def redacted_json(config) -> str:
+    """A config dataclass as JSON for logs and run directories, with any credential stripped."""
+    from brainray.config import to_dict
+
+    return json.dumps(redact_values(to_dict(config)), indent=2, sort_keys=True)
+
+
 def _s3_filesystem(options: StorageOptions) -> pafs.S3FileSystem:
     kwargs: dict = {
         "region": options.s3_region or DEFAULT_REGION,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_RETRY_ATTEMPTS),
+        "connect_timeout": _S3_CONNECT_TIMEOUT_S,
+        "request_timeout": _S3_REQUEST_TIMEOUT_S,
     }
     if options.s3_endpoint:
         parsed = urlparse(options.s3_endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise StorageError(
-                f"S3 endpoint {options.s3_endpoint!r} must look like http(s)://host:port")
+                f"S3 endpoint {redact(options.s3_endpoint)!r} must look like http(s)://host:port")
+        if "@" in parsed.netloc or parsed.query:
+            raise StorageError("the S3 endpoint must not contain credentials or a query string; "
+                               "use the AWS credential chain instead")
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme
     return pafs.S3FileSystem(**kwargs)
@@ -103,7 +142,10 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
 
 
 def _wrap(uri: str, action: str, exc: Exception) -> StorageError:
-    return StorageError(f"cannot {action} {redact(uri)}: {redact(str(exc))}")
+    message = f"cannot {action} {redact(uri)}: {redact(str(exc))}"
+    if is_s3(uri) and _TRANSIENT.search(str(exc)):
+        return TransientStorageError(message)
+    return StorageError(message)
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
@@ -125,6 +167,11 @@ def is_dir(uri: str, options: StorageOptions | None = None) -> bool:
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = resolve(uri, options)
     try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            # Python's open() takes any file name, including ones that are not valid UTF-8
+            # (surrogate-escaped str, as os.listdir returns them); pyarrow refuses those.
+            with open(path, "rb") as f:
+                return f.read()
         with fs.open_input_stream(path) as stream:
             return stream.read()
     except FileNotFoundError as exc:
@@ -176,7 +223,11 @@ def ensure_readable_dir(uri: str, options: StorageOptions | None = None) -> None
 def ensure_writable(uri: str, options: StorageOptions | None = None) -> None:
     """Write and delete a probe object so an unwritable output fails before any work is done."""
     probe = join(uri, f".brainray-write-probe-{uuid.uuid4().hex}")
-    write_bytes(probe, b"", options)
+    try:
+        write_bytes(probe, b"", options)
+    except StorageError as exc:  # name the output the user gave, not the probe object
+        reason = redact(str(exc.__cause__ or exc))
+        raise type(exc)(f"cannot write to {redact(uri)}: {reason}") from exc
     fs, path = resolve(probe, options)
     try:
         fs.delete_file(path)

@@ -38,6 +38,7 @@ class LoopState:
     best_epoch: int = -1
     epochs_since_best: int = 0
     history: list[dict] = field(default_factory=list)
+    resumed_at_epochs: list[int] = field(default_factory=list)  # after relaunches and failures
 
 
 def update_early_stopping(state: LoopState, val_loss: float, epoch: int, patience: int) -> bool:
@@ -83,9 +84,12 @@ def train_one_epoch(model, optimizer, scaler, shard, loop: dict, epoch: int, sta
     augment: AugmentConfig | None = loop["augment_config"]
     loss_sum, correct, seen = 0.0, 0, 0
     started = last_print = time.perf_counter()
-    for batch in shard.iter_torch_batches(batch_size=loop["batch_size_per_worker"], device=device,
-                                          dtypes={COL_IMAGE: torch.uint8, COL_LABEL: torch.int64},
-                                          prefetch_batches=2):
+    batches = shard.iter_torch_batches(
+        batch_size=loop["batch_size_per_worker"], device=device,
+        dtypes={COL_IMAGE: torch.uint8, COL_LABEL: torch.int64}, prefetch_batches=2,
+        local_shuffle_buffer_size=loop["shuffle_buffer_images"],
+        local_shuffle_seed=loop["seed"] * 1_000_003 + epoch * 1_009 + rank)
+    for batch in batches:
         x = to_model_input(batch[COL_IMAGE])
         y = batch[COL_LABEL]
         if augment is not None:
@@ -154,6 +158,7 @@ def _restore(model, optimizer, scaler, loop: dict) -> LoopState:
     scaler.load_state_dict(state["scaler"])
     loop["step"] = state["step"]
     restored = LoopState(**state["loop_state"])
+    restored.resumed_at_epochs.append(restored.next_epoch + 1)
     print0(f"resuming from the checkpoint of epoch {restored.next_epoch} "
            f"(best val loss {restored.best_val_loss:.4f} at epoch {restored.best_epoch + 1})")
     return restored

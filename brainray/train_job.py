@@ -15,12 +15,13 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from brainray import baseline, storage
+from brainray import baseline, calibration, ood, storage
 from brainray import metrics as metric_fns
 from brainray import split as splitting
 from brainray.config import (
     COL_ERROR,
     COL_GROUP,
+    COL_IMAGE,
     COL_LABEL,
     COL_PATH,
     COL_SHA256,
@@ -28,7 +29,6 @@ from brainray.config import (
     COL_THUMBNAIL,
     TrainConfig,
     to_dict,
-    to_json,
 )
 from brainray.data import LabeledData, assign_splits, load_labeled, select_rows, shuffled_each_epoch
 from brainray.evaluate import (
@@ -38,7 +38,14 @@ from brainray.evaluate import (
     skipped_files,
     write_report,
 )
-from brainray.model import count_parameters, deserialize, model_from_checkpoint
+from brainray.model import (
+    count_parameters,
+    deserialize,
+    model_from_checkpoint,
+    serialize,
+    with_fields,
+)
+from brainray.model_card import render_model_card
 from brainray.train import MODEL_FILE, TRAIN_STATE_FILE, train_loop_per_worker
 
 # Changing these on a relaunch would silently train a different experiment under the same name.
@@ -50,7 +57,8 @@ def _check_resume(config: TrainConfig) -> None:
     uri = storage.join(config.run_dir, "config.json")
     if not storage.exists(uri, config.storage):
         return
-    previous, current = storage.read_json(uri, config.storage), to_dict(config)
+    previous = storage.read_json(uri, config.storage)
+    current = storage.redact_values(to_dict(config))
     changed = [k for k in _RESUME_MUST_MATCH if previous.get(k) != current.get(k)]
     if changed:
         raise ValueError(f"{storage.redact(config.run_dir)} holds a run with different "
@@ -114,7 +122,7 @@ def _baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
 
 
 def _best_model(result, config: TrainConfig) -> tuple[dict, list[dict]]:
-    """Copy the best checkpoint's model to run_dir/model.pt; return it and the epoch history."""
+    """Copy the best checkpoint's model to run_dir/model.pt; return it and the loop's state."""
     best = result.get_best_checkpoint(metric="val_loss", mode="min")
     best_uri = storage.join(storage.to_uri(best.filesystem, best.path), MODEL_FILE)
     model_bytes = storage.read_bytes(best_uri, config.storage)
@@ -122,15 +130,60 @@ def _best_model(result, config: TrainConfig) -> tuple[dict, list[dict]]:
     latest = result.checkpoint
     with latest.as_directory() as directory:
         state = torch.load(posixpath.join(directory, TRAIN_STATE_FILE), weights_only=True)
-    return deserialize(model_bytes, source=best_uri), state["loop_state"]["history"]
+    return deserialize(model_bytes, source=best_uri), state["loop_state"]
+
+
+def _calibrate_and_guard(config: TrainConfig, labeled: LabeledData, paths: dict,
+                         predictions: pd.DataFrame, checkpoint: dict
+                         ) -> tuple[pd.DataFrame, dict, dict]:
+    """Temperature scaling and the review threshold (fitted on validation, reported on test) and
+    the OOD reference (training images); model.pt is rewritten with them, same model_id.
+
+    A failure here is reported in metrics.json and leaves the uncalibrated model in place: it
+    never throws away a finished training run.
+    """
+    options, model_uri = config.storage, storage.join(config.run_dir, MODEL_FILE)
+    fields, report = {}, {}
+    try:
+        val_predictions = predict_labeled(labeled.dataset, paths["val"], model_uri, options,
+                                          use_gpu=config.use_gpu)
+        result = calibration.calibrate_run(val_predictions, predictions, config.target_accuracy)
+        predictions = result.test_predictions
+        report.update(result.report)
+        fields.update(temperature=result.temperature, review_threshold=result.review_threshold,
+                      calibration=result.report)
+        storage.write_bytes(storage.join(config.run_dir, "reliability.png"),
+                            result.reliability_png, options)
+        storage.write_bytes(storage.join(config.run_dir, "coverage.png"), result.coverage_png,
+                            options)
+        cal, abst = result.report["calibration"], result.report["abstention"]
+        print(f"calibration: temperature {cal['temperature']:.3f}; test ECE "
+              f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} "
+              f"-> {cal['nll_after']:.4f}; review threshold {abst['threshold']:.3f} (target "
+              f"accuracy {abst['target_accuracy']}: test coverage {abst['test_coverage']:.1%})",
+              flush=True)
+    except Exception as exc:
+        report["calibration"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"warning: calibration failed, the model stays uncalibrated: {exc}", flush=True)
+    try:
+        fields["ood_reference"] = ood.reference_from_dataset(
+            select_rows(labeled.dataset, paths["train"], columns=(COL_IMAGE,)))
+        report["ood_reference"] = fields["ood_reference"]
+    except Exception as exc:
+        print(f"warning: no OOD reference from the training images: {exc}", flush=True)
+    if fields:
+        checkpoint = with_fields(checkpoint, **fields)
+        storage.write_bytes(model_uri, serialize(checkpoint), options)
+    return predictions, checkpoint, report
 
 
 def run_training(config: TrainConfig) -> dict:
-    print("brainray train\n" + to_json(config), flush=True)
+    print("brainray train\n" + storage.redacted_json(config), flush=True)
     options = config.storage
     storage.ensure_writable(config.run_dir, options)
     _check_resume(config)
-    storage.write_text(storage.join(config.run_dir, "config.json"), to_json(config), options)
+    storage.write_text(storage.join(config.run_dir, "config.json"), storage.redacted_json(config),
+                       options)
     classes = list(config.classes)
 
     labeled, held_out, index = prepare_splits(config)
@@ -157,7 +210,8 @@ def run_training(config: TrainConfig) -> dict:
     started = time.perf_counter()
     result = trainer.fit()
     wall_s = time.perf_counter() - started
-    checkpoint, history = _best_model(result, config)
+    checkpoint, loop_state = _best_model(result, config)
+    history = loop_state["history"]
 
     test_source = held_out if held_out is not None else labeled
     test_paths = (held_out.index.loc[held_out.index[COL_ERROR] == "", COL_PATH]
@@ -165,6 +219,8 @@ def run_training(config: TrainConfig) -> dict:
     predictions = predict_labeled(test_source.dataset, test_paths,
                                   storage.join(config.run_dir, MODEL_FILE), options,
                                   use_gpu=config.use_gpu)
+    predictions, checkpoint, trust_report = _calibrate_and_guard(config, labeled, paths,
+                                                                 predictions, checkpoint)
     test = compute_metrics(predictions, classes)
     test_index = (held_out.index[held_out.index[COL_ERROR] == ""] if held_out is not None
                   else index[index[COL_SPLIT] == "test"])
@@ -175,6 +231,7 @@ def run_training(config: TrainConfig) -> dict:
         "model_name": config.model, "model_id": checkpoint["model_id"],
         "n_parameters": count_parameters(model_from_checkpoint(checkpoint)),
         "best_epoch": checkpoint["epoch"], "history": history,
+        "resumed_at_epochs": loop_state.get("resumed_at_epochs", []),
         "training_wall_s": wall_s,
         "training_images_per_s": images_trained / max(sum(h["train_seconds"] for h in history),
                                                       1e-9),
@@ -183,8 +240,11 @@ def run_training(config: TrainConfig) -> dict:
         "skipped_files": skipped_files(labeled.index) + (
             skipped_files(held_out.index) if held_out is not None else []),
         "config": to_dict(config),
+        **trust_report,
     }
     write_report(config.run_dir, report, options, predictions_table(predictions, classes), history)
+    storage.write_text(storage.join(config.run_dir, "MODEL_CARD.md"), render_model_card(report),
+                       options)
     print(f"test set ({test['n_images']} images, best epoch {checkpoint['epoch']}):\n"
           + metric_fns.format_summary(test), flush=True)
     print(f"trivial baseline (1-NN on thumbnails, same split): accuracy "

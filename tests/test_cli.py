@@ -56,8 +56,9 @@ def test_train_without_flags_uses_sample_and_timestamped_run_dir():
     parts = Path(config.run_dir).parts
     assert parts[0] == "runs" and len(parts) == 2
     assert re.fullmatch(r"\d{8}-\d{6}", parts[1])
-    # and every other field is the TrainConfig default
-    defaults = TrainConfig(data=config.data, run_dir=config.run_dir)
+    # and a short demonstration run; every other field is the TrainConfig default
+    assert config.epochs == cli.SAMPLE_EPOCHS < TrainConfig.epochs
+    defaults = TrainConfig(data=config.data, run_dir=config.run_dir, epochs=cli.SAMPLE_EPOCHS)
     assert config == defaults  # AWS_* variables are cleared by the autouse fixture
     assert config.use_gpu is False
     assert config.classes == DEFAULT_CLASSES
@@ -150,24 +151,27 @@ def test_missing_command_exits_with_usage_error():
 # --- run(): a bad value fails before Ray starts -----------------------------------------------
 
 
-def test_run_with_zero_epochs_returns_2_without_starting_ray(capsys):
-    # Given Ray is not running
-    assert not ray.is_initialized()
+def _forbid_ray_init(monkeypatch):
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
+
+
+def test_run_with_zero_epochs_returns_2_without_starting_ray(capsys, monkeypatch):
+    # Given a Ray that must not be started
+    _forbid_ray_init(monkeypatch)
     # When `brainray train --epochs 0` runs
     code = cli.run(["train", "--epochs", "0"])
-    # Then it fails as a usage error, with one readable line on stderr, and Ray never started
+    # Then it fails as a usage error, with one readable line on stderr, before Ray starts
     assert code == 2
-    assert not ray.is_initialized()
     out, err = capsys.readouterr()
     assert out == ""
     assert err.endswith("\n") and len(err.strip().splitlines()) == 1
     assert err.strip() == "brainray train: error: epochs must be >= 1"
 
 
-def test_run_with_bad_fractions_returns_2_without_starting_ray(capsys):
+def test_run_with_bad_fractions_returns_2_without_starting_ray(capsys, monkeypatch):
+    _forbid_ray_init(monkeypatch)
     code = cli.run(["train", "--val-fraction", "0.6", "--test-fraction", "0.5"])
     assert code == 2
-    assert not ray.is_initialized()
     assert capsys.readouterr().err.strip() == (
         "brainray train: error: val + test fractions must be < 1")
 

@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 IMAGE_SIZE = 32
 COLUMNS = ["uri", "member", "frame", "content_sha256", "predicted_label", "confidence",
            *[f"prob_{c}" for c in DEFAULT_CLASSES], "needs_review", "model_id", "model_name",
-           "scored_at", "status", "error", "source_size", "source_mtime_ns", "run_id"]
+           "scored_at", "status", "error", "source_size", "source_mtime_ns", "run_id",
+           "out_of_distribution"]
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,7 @@ def test_relaunch_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path, capf
     second = json.loads((run_dir / "metrics.json").read_text())
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]
+    assert second["resumed_at_epochs"] == [2] and first["resumed_at_epochs"] == []
 
 
 def test_relaunch_with_different_data_settings_is_refused(ray_cluster, tmp_path, capsys):

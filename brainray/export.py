@@ -1,0 +1,148 @@
+"""Export a checkpoint for use without brainray: TorchScript always, ONNX when `onnx` is installed.
+
+The exported network includes the checkpoint's temperature and the softmax, so it outputs
+**calibrated probabilities**, exactly what `brainray score` reports:
+
+    input  "image":         float32 (N, 3, S, S), RGB in [0, 1]  (S = image_size in export.json)
+    output "probabilities": float32 (N, classes) = softmax(logits / T), in export.json's order
+
+Preprocessing stays outside: decode, convert to RGB (gray copied to 3 channels), resize to S x S
+(bilinear, aspect ratio not kept), divide by 255, channels first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import tempfile
+import warnings
+
+import torch
+from torch import nn
+
+from brainray import storage
+from brainray.config import ExportConfig
+from brainray.model import model_from_checkpoint, temperature_of
+from brainray.predict import load_checkpoint
+
+TORCHSCRIPT_FILE = "model.ts"
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 17
+
+
+class CalibratedClassifier(nn.Module):
+    """A model plus its temperature and softmax: images in [0, 1] -> calibrated probabilities."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(image) * self.inv_temperature, dim=1)
+
+
+def calibrated_module(checkpoint: dict) -> CalibratedClassifier:
+    model = model_from_checkpoint(checkpoint).float()
+    for module in model.modules():  # in-place ops are fine in eval, but plainer graphs export
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return CalibratedClassifier(model, temperature_of(checkpoint)).eval()
+
+
+def example_input(checkpoint: dict, batch: int = 2) -> torch.Tensor:
+    size = checkpoint["preprocess"]["image_size"]
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def to_torchscript(checkpoint: dict) -> bytes:
+    module = calibrated_module(checkpoint)
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch >= 2.9 marks TorchScript deprecated (FutureWarning); it still loads everywhere
+        # libtorch does, which is why it is the format asked for here.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(module, example_input(checkpoint))
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+def onnx_available() -> bool:
+    return importlib.util.find_spec("onnx") is not None
+
+
+def to_onnx(checkpoint: dict) -> bytes:
+    """ONNX bytes (opset 17, dynamic batch); needs the `onnx` package (ImportError without)."""
+    if not onnx_available():
+        raise ImportError("the onnx package is not installed")
+    module = calibrated_module(checkpoint)
+    names = {"input_names": ["image"], "output_names": ["probabilities"],
+             "opset_version": ONNX_OPSET}
+    with tempfile.TemporaryDirectory() as directory, torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        path = os.path.join(directory, ONNX_FILE)
+        try:  # the TorchScript-based exporter: needs only onnx
+            torch.onnx.export(module, (example_input(checkpoint),), path, dynamo=False,
+                              dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                              **names)
+        except Exception as legacy_error:  # removed in some torch versions: torch.export based
+            try:
+                torch.onnx.export(module, (example_input(checkpoint),), path, dynamo=True,
+                                  external_data=False,
+                                  dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+                                  **names)
+            except Exception as exc:
+                raise RuntimeError(f"ONNX export failed ({legacy_error}; then {exc})") from exc
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def export_metadata(checkpoint: dict, files: list[str]) -> dict:
+    return {
+        "model_id": checkpoint["model_id"], "model_name": checkpoint["model_name"],
+        "classes": checkpoint["classes"], "image_size": checkpoint["preprocess"]["image_size"],
+        "temperature": temperature_of(checkpoint),
+        "review_threshold": checkpoint.get("review_threshold"),
+        "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, "S", "S"],
+                  "range": [0.0, 1.0], "channels": "RGB (gray copied to 3 channels)",
+                  "resize": "bilinear to S x S, aspect ratio not kept"},
+        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", "classes"],
+                   "meaning": "calibrated class probabilities softmax(logits / temperature)"},
+        "files": files,
+    }
+
+
+def run_export(config: ExportConfig) -> dict:
+    """`brainray export`: model.ts (+ model.onnx) and export.json in the output folder."""
+    options = config.storage
+    storage.ensure_writable(config.output, options)
+    checkpoint = load_checkpoint(config.model, options)
+    files = [TORCHSCRIPT_FILE]
+    storage.write_bytes(storage.join(config.output, TORCHSCRIPT_FILE), to_torchscript(checkpoint),
+                        options)
+    onnx_note = None
+    if not config.onnx:
+        onnx_note = "ONNX export not requested (--no-onnx)"
+    elif not onnx_available():
+        onnx_note = ("ONNX export skipped: the `onnx` package is not installed "
+                     "(pip install onnx); TorchScript was written")
+    else:
+        try:
+            data = to_onnx(checkpoint)
+        except Exception as exc:  # TorchScript is written; ONNX is the optional extra
+            onnx_note = f"ONNX export failed, TorchScript was written: {exc}"
+        else:
+            storage.write_bytes(storage.join(config.output, ONNX_FILE), data, options)
+            files.append(ONNX_FILE)
+    metadata = export_metadata(checkpoint, files)
+    storage.write_bytes(storage.join(config.output, "export.json"),
+                        json.dumps(metadata, indent=2).encode(), options)
+    print(f"exported {checkpoint['model_name']} ({checkpoint['model_id']}, temperature "
+          f"{metadata['temperature']:.3f}) to {storage.redact(config.output)}: "
+          f"{', '.join(files)} + export.json; outputs are calibrated probabilities", flush=True)
+    if onnx_note:
+        print(onnx_note, flush=True)
+    return {**metadata, "onnx_note": onnx_note}

@@ -1,0 +1,81 @@
+"""The out-of-distribution guard: photos, blank pages and documents vs gray scans and real MRI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from brainray import ood
+from brainray.config import PreprocessConfig
+from brainray.data import sample_data_dir
+from brainray.transforms import preprocess_bytes, preprocess_image
+from tests.conftest import synthetic_scan
+
+SIZE = 64
+CONFIG = PreprocessConfig(image_size=SIZE)
+
+
+def colour_photo(size: int = 96) -> Image.Image:
+    """Photo-like: a blue sky over green grass with a red object, plus sensor noise."""
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((size, size, 3), np.float32)
+    pixels[: size // 2] = (90, 150, 230)
+    pixels[size // 2:] = (60, 160, 50)
+    pixels[size // 3: size // 2 + 10, size // 3: size // 2] = (200, 40, 30)
+    pixels += rng.normal(0, 8, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def text_on_white(size: int = 96) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for row in range(6):
+        draw.text((4, 4 + row * 15), "Patient report: no findings", fill="black")
+    return image
+
+
+def _batch(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([preprocess_image(image, CONFIG) for image in images])
+
+
+@pytest.mark.parametrize("image, reason", [
+    (colour_photo(), ood.REASON_COLOUR),
+    (Image.new("L", (80, 80), 0), ood.REASON_CONSTANT),
+    (Image.new("L", (80, 80), 128), ood.REASON_CONSTANT),
+    (Image.new("RGB", (80, 80), "white"), ood.REASON_CONSTANT),
+    (text_on_white(), ood.REASON_INTENSITY),
+])
+def test_non_mri_inputs_are_flagged_with_a_reason(image, reason):
+    flags, reasons = ood.check(_batch([image]))
+    assert flags.tolist() == [True]
+    assert reason in reasons[0]
+
+
+def test_synthetic_gray_scans_in_any_mode_pass():
+    scans = [synthetic_scan(label, i, 48, mode) for label in range(4) for i in range(3)
+             for mode in ("L", "RGB")]
+    flags, reasons = ood.check(_batch(scans))
+    assert not flags.any(), reasons
+
+
+def test_every_sample_mri_passes_with_default_and_learned_ranges():
+    files = sorted(p for p in Path(sample_data_dir()).glob("*/*") if p.is_file())
+    images = np.stack([preprocess_bytes(p.read_bytes(), CONFIG) for p in files])
+    assert len(images) >= 100
+    flags, reasons = ood.check(images)
+    assert not flags.any(), [r for r in reasons if r]
+    reference = ood.reference_from_features(ood.image_features(images))
+    low, high = reference["mean_range"]
+    assert low <= reference["train_mean_range"][0] and high >= reference["train_mean_range"][1]
+    assert not ood.check(images, reference)[0].any()
+    # and the learned range still rejects a document
+    assert ood.check(_batch([text_on_white()]), reference)[0].all()
+
+
+def test_features_of_an_empty_batch_and_bad_shapes():
+    assert ood.check(np.zeros((0, 8, 8, 3), np.uint8))[0].shape == (0,)
+    with pytest.raises(ValueError):
+        ood.image_features(np.zeros((8, 8), np.uint8))
