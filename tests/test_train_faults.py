@@ -16,15 +16,24 @@ from tests.conftest import tiny_dataset_files, write_tree
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def _registered_checkpoints(run_dir) -> int:
+    """Checkpoints Ray Train has registered (a checkpoint_* folder appears before that)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return len(snapshot.get("checkpoint_results", []))
+
+
 def _kill_a_train_worker_after_first_checkpoint(run_dir, killed: list, stop: threading.Event):
-    """SIGKILL one RayTrainWorker of *this* cluster once epoch 1's checkpoint exists.
+    """SIGKILL one RayTrainWorker of *this* cluster once epoch 1's checkpoint is registered.
 
     The session cluster's processes descend from this pytest process (ray.init started them);
     other Ray instances on the machine have processes of the same name, so never match by name
     alone.
     """
     while not stop.is_set():
-        if any(run_dir.glob("checkpoint_*")):
+        if _registered_checkpoints(run_dir):
             for process in psutil.Process().children(recursive=True):
                 try:
                     if "ray::RayTrainWorker" in " ".join(process.cmdline()):
