@@ -34,6 +34,7 @@ from brainray.transforms import preprocess_image
 
 STATUS_OK, STATUS_ERROR = "ok", "error"
 IMAGES_PER_BLOCK = 64  # bounds memory when one archive expands into thousands of images
+READ_TASK_CPUS = 0.5  # decode is light next to inference; two read tasks fit beside an actor
 
 
 def output_schema(classes: list[str]) -> pa.Schema:
@@ -343,10 +344,14 @@ def run_scoring(config: ScoreConfig) -> dict:
     context.raise_original_map_exception = True
     scored = (
         ray.data.from_items(files)
-        .map_batches(read_and_preprocess, batch_size=config.files_per_task, fn_kwargs={
-            "options": options, "preprocess": preprocess_config(checkpoint),
-            "limits": SourceLimits(max_image_pixels=checkpoint["preprocess"]["max_image_pixels"]),
-            "max_file_bytes": config.max_file_bytes})
+        # A CPU request unlike the actors' keeps Ray Data from fusing decoding into the
+        # inference actors: decoding then runs in parallel tasks while the actors only infer.
+        .map_batches(read_and_preprocess, batch_size=config.files_per_task,
+                     num_cpus=READ_TASK_CPUS, fn_kwargs={
+                         "options": options, "preprocess": preprocess_config(checkpoint),
+                         "limits": SourceLimits(
+                             max_image_pixels=checkpoint["preprocess"]["max_image_pixels"]),
+                         "max_file_bytes": config.max_file_bytes})
         .map_batches(Scorer, batch_size=config.batch_size,
                      fn_constructor_kwargs={
                          "model_uri": model_uri, "options": options, "use_gpu": config.use_gpu,
