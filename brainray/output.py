@@ -62,7 +62,7 @@ def _delete_dir(uri: str, options: StorageOptions) -> None:
         pass
 
 
-def _publish_staged(output: str, run_id: str, options: StorageOptions) -> dict:
+def commit(output: str, run_id: str, options: StorageOptions) -> dict:
     """Copy a READY staging dir into scores/ and commit it in the manifest (idempotent)."""
     staging = staging_uri(output, run_id)
     ready = storage.read_json(storage.join(staging, READY), options)
@@ -88,10 +88,6 @@ def mark_ready(output: str, run_id: str, summary: dict, options: StorageOptions)
     storage.write_json(storage.join(staging, READY), {**summary, "files": files}, options)
 
 
-def commit(output: str, run_id: str, options: StorageOptions) -> dict:
-    return _publish_staged(output, run_id, options)
-
-
 def recover(output: str, options: StorageOptions) -> list[str]:
     """Finish or discard runs left by crashed jobs. Returns what was done, for the log."""
     done = []
@@ -103,7 +99,7 @@ def recover(output: str, options: StorageOptions) -> list[str]:
         run_id = posixpath.basename(info.path)
         staging = staging_uri(output, run_id)
         if storage.exists(storage.join(staging, READY), options):
-            _publish_staged(output, run_id, options)
+            commit(output, run_id, options)
             done.append(f"committed interrupted run {run_id}")
         else:
             _delete_dir(staging, options)

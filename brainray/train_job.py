@@ -6,6 +6,7 @@ checkpoints, model.pt (the best model), metrics.json, predictions.parquet and th
 
 from __future__ import annotations
 
+import io
 import posixpath
 import time
 
@@ -121,15 +122,23 @@ def _baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
             **{k: full[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "n_images")}}
 
 
-def _best_model(result, config: TrainConfig) -> tuple[dict, list[dict]]:
-    """Copy the best checkpoint's model to run_dir/model.pt; return it and the loop's state."""
-    best = result.get_best_checkpoint(metric="val_loss", mode="min")
-    best_uri = storage.join(storage.to_uri(best.filesystem, best.path), MODEL_FILE)
+def _checkpoint_file(checkpoint, name: str) -> str:
+    return storage.join(storage.to_uri(checkpoint.filesystem, checkpoint.path), name)
+
+
+def _best_model(result, config: TrainConfig) -> tuple[dict, dict]:
+    """Copy the best checkpoint's model to run_dir/model.pt; return it and the loop's state.
+
+    Only the two files needed are read: downloading the whole latest checkpoint (weights and
+    optimizer state) just for its small train_state.pt would triple the S3 traffic.
+    """
+    best_uri = _checkpoint_file(result.get_best_checkpoint(metric="val_loss", mode="min"),
+                                MODEL_FILE)
     model_bytes = storage.read_bytes(best_uri, config.storage)
     storage.write_bytes(storage.join(config.run_dir, MODEL_FILE), model_bytes, config.storage)
-    latest = result.checkpoint
-    with latest.as_directory() as directory:
-        state = torch.load(posixpath.join(directory, TRAIN_STATE_FILE), weights_only=True)
+    state_bytes = storage.read_bytes(_checkpoint_file(result.checkpoint, TRAIN_STATE_FILE),
+                                     config.storage)
+    state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
     return deserialize(model_bytes, source=best_uri), state["loop_state"]
 
 
