@@ -308,8 +308,13 @@ def init_ray(address: str | None, use_gpu: bool | None) -> bool:
     """Connect to the cluster (or start a local one); resolve --use-gpu's auto default."""
     import ray
 
+    from brainray.runtime_env import tune_this_process, worker_env_vars
+
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        env_vars = worker_env_vars()
+        tune_this_process()
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), configure_logging=False,
+                 runtime_env={"env_vars": env_vars} if env_vars else None)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         print(f"GPUs {'found' if use_gpu else 'not found'} in the cluster: "

@@ -69,6 +69,16 @@ def lr_factor(step: int, steps_per_epoch: int, config: dict) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where PyTorch has one (CPU and CUDA): the same update rule,
+    one pass over the 12.9M parameters instead of a chain of elementwise ops (~12% of a paper_cnn
+    step on 2 CPU cores)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay,
+                            fused=fused or None)
+
+
 def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -211,8 +221,7 @@ def train_loop_per_worker(loop: dict) -> None:
     model = build_model(loop["model"], len(loop["classes"]), loop["preprocess"]["image_size"])
     print0(f"model {loop['model']}: {count_parameters(model):,} parameters")
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    optimizer = torch.optim.Adam(model.parameters(), lr=loop["lr"],
-                                 weight_decay=loop["weight_decay"])
+    optimizer = make_optimizer(model, loop["lr"], loop["weight_decay"], device)
     # Loss scaling only matters for fp16 on GPU; elsewhere the scaler is a no-op passthrough.
     fp16 = device.type == "cuda" and loop["precision"] in ("auto", "fp16")
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)

@@ -294,3 +294,18 @@ def test_local_output_is_refused_on_a_multi_node_cluster(command, flags):
 def test_s3_output_is_accepted_on_a_multi_node_cluster():
     args = cli.build_parser().parse_args(["train", "--run-dir", "s3://bucket/runs/x"])
     cli.check_output_reachable("train", cli.train_config(args), alive_nodes=5)
+
+
+def test_init_ray_gives_the_jobs_workers_the_allocator_settings(monkeypatch):
+    import ray
+
+    from brainray import runtime_env
+
+    calls = []
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runtime_env, "tune_this_process", lambda: True)
+    assert cli.init_ray("auto", use_gpu=False) is False
+    assert calls[0]["runtime_env"] == {"env_vars": {"GLIBC_TUNABLES": runtime_env.GLIBC_TUNABLES}}
+    assert calls[0]["address"] == "auto"

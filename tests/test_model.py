@@ -241,3 +241,19 @@ def test_weights_id_distinguishes_models_with_different_seeds():
     _, a = _checkpoint("bn_cnn", seed=0)
     _, b = _checkpoint("bn_cnn", seed=1)
     assert a["model_id"] != b["model_id"]
+
+
+def test_paper_cnn_pool_before_relu_computes_the_papers_conv_relu_pool():
+    """The layer order is swapped for speed; outputs and gradients must be the paper's."""
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", 4, image_size=32)
+    paper_order = torch.nn.Sequential(*[
+        layer for conv, pool, relu in zip(*[iter(model.features)] * 3, strict=True)
+        for layer in (conv, relu, pool)])
+    x = torch.rand(3, 3, 32, 32) - 0.3  # negative inputs exercise the ReLU
+    ours = model.features(x)
+    theirs = paper_order(x.clone())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    grads = [torch.autograd.grad(f(x).square().sum(), model.features[0].weight)[0]
+             for f in (model.features, paper_order)]
+    torch.testing.assert_close(grads[0], grads[1])
