@@ -84,12 +84,12 @@ def _train_parser(sub) -> None:
     m.add_argument("--patience", type=int, default=d["patience"].default,
                    help="early stopping: epochs without validation-loss improvement")
     m.add_argument("--shuffle-buffer", type=int, default=d["shuffle_buffer_images"].default,
-                   help="images per worker in the local shuffle buffer (block order is also "
-                        "reshuffled every epoch)")
+                   help="images per worker in the local shuffle buffer, drawn in a new order "
+                        "every epoch (the train split is also shuffled once)")
     m.add_argument("--augment", choices=AUGMENT_LEVELS, default=d["augment"].default,
                    help="paper: rotation 30 deg, h/v flips, zoom/crop, brightness/contrast 0.2")
     m.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
-                   help="auto: fp16 AMP on GPU, bf16 autocast on CPUs with native bf16")
+                   help="auto: fp16 AMP on GPU, fp32 on CPU (bf16 measured slower on CPU)")
     m.add_argument("--image-size", type=int, default=PreprocessConfig.image_size,
                    help="images are resized to this square size in pixels")
     m.add_argument("--seed", type=int, default=d["seed"].default,

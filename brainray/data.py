@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import ray
 import ray.data
-from ray.data import RandomSeedConfig
 
 from brainray import baseline, storage
 from brainray import split as splitting
@@ -154,7 +153,8 @@ def read_labeled_images(uri: str, classes: list[str], preprocess: PreprocessConf
 class LabeledData:
     """Decoded images in the object store plus the small index the driver splits on."""
 
-    dataset: ray.data.Dataset  # materialized rows: path, image, label, sha256, fingerprint, error
+    # materialized rows: path, image, label, sha256, fingerprint, error (None once split)
+    dataset: ray.data.Dataset | None
     index: pd.DataFrame  # one row per file: path, label, sha256, fingerprint, error
 
 
@@ -209,12 +209,28 @@ def select_rows(dataset: ray.data.Dataset, paths,
                                                        "columns": columns})
 
 
-def shuffled_each_epoch(dataset: ray.data.Dataset, seed: int) -> ray.data.Dataset:
-    """Blocks in a new seed-determined order on every pass over the data.
+SPLIT_COLUMNS = (COL_PATH, COL_IMAGE, COL_LABEL)
 
-    Together with the workers' local shuffle buffer this mixes classes across batches at almost
-    no cost; a full `random_shuffle` moved every image through the object store each epoch
-    (about 15% of an epoch on 2 CPUs) for little gain in randomness.
+
+def materialize_splits(dataset: ray.data.Dataset, paths: dict[str, pd.Series], seed: int
+                       ) -> dict[str, ray.data.Dataset]:
+    """Each split's rows (path, image, label) materialized once, so epochs only read blocks.
+
+    Filtering the full dataset every epoch copied every image through a Ray task each time
+    (10-20% of a CPU epoch). Once the splits exist the caller can drop the full dataset: the
+    object store then holds each usable image once.
+
+    The train split is shuffled globally once (files are listed class by class); each epoch then
+    streams its blocks in that order through the workers' seeded local shuffle buffer, which
+    draws a different order every epoch. A per-epoch `random_shuffle` moved every image through
+    the object store each epoch, and `randomize_block_order` on materialized blocks fails inside
+    `streaming_split` in Ray 2.58 (blocks owned by the driver).
     """
-    return dataset.randomize_block_order(
-        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    splits = {}
+    for name, split_paths in paths.items():
+        if len(split_paths):
+            rows = select_rows(dataset, split_paths, columns=SPLIT_COLUMNS).materialize()
+            if name == "train":
+                rows = rows.random_shuffle(seed=seed).materialize()
+            splits[name] = rows
+    return splits

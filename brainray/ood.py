@@ -20,6 +20,7 @@ a detector of subtle shift: a grayscale photograph or a CT slice can pass it.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 SATURATION_LEVEL = 0.15  # channel spread that counts a pixel as coloured
 MAX_COLOUR_FRACTION = 0.05
@@ -41,11 +42,17 @@ def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     if n == 0:
         empty = np.zeros(0, dtype=np.float64)
         return {"colour_fraction": empty, "std": empty, "mean": empty}
-    spread = (images.max(axis=3).astype(np.int16) - images.min(axis=3)).reshape(n, -1)
-    gray = images.reshape(n, -1, 3).mean(axis=2, dtype=np.float32) / 255.0
-    return {"colour_fraction": (spread > SATURATION_LEVEL * 255).mean(axis=1),
-            "std": gray.std(axis=1).astype(np.float64),
-            "mean": gray.mean(axis=1).astype(np.float64)}
+    # Every other pixel each way (a 112x112 grid at 224 px) is plenty for three whole-image
+    # statistics, and torch is vectorised and multi-threaded where numpy is not: scoring checks
+    # every image, and the full-resolution numpy version cost 3.6 ms an image, as much as
+    # inference itself.
+    pixels = torch.from_numpy(np.ascontiguousarray(images[:, ::2, ::2], dtype=np.uint8))
+    pixels = pixels.reshape(n, -1, 3)
+    spread = pixels.amax(dim=2) - pixels.amin(dim=2)  # uint8: max >= min, no wrap-around
+    gray = pixels.float().mean(dim=2).div_(255.0)
+    std, mean = torch.std_mean(gray, dim=1, correction=0)
+    return {"colour_fraction": (spread > SATURATION_LEVEL * 255).double().mean(dim=1).numpy(),
+            "std": std.double().numpy(), "mean": mean.double().numpy()}
 
 
 def reference_from_features(features: dict[str, np.ndarray]) -> dict:

@@ -18,18 +18,19 @@ import ctypes
 import ctypes.util
 import os
 
-_MMAP_THRESHOLD = 2**31
-_TRIM_THRESHOLD = 2**32
-GLIBC_TUNABLES = (f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={_MMAP_THRESHOLD}"
-                  f":glibc.malloc.trim_threshold={_TRIM_THRESHOLD}")
+_MMAP_THRESHOLD = 2**31 - 1  # the largest value glibc's int parameter takes
+_TRIM_THRESHOLD = 2**31 - 1
+# glibc's classic variables rather than GLIBC_TUNABLES: Ray's runtime_env cuts env values at ":".
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
+                 "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def worker_env_vars() -> dict[str, str]:
-    """Environment variables for the job's Ray workers; a user's own GLIBC_TUNABLES wins."""
-    if "GLIBC_TUNABLES" in os.environ:
+    """Environment variables for the job's Ray workers; a user's own allocator settings win."""
+    if any(name in os.environ for name in (*ALLOCATOR_ENV, "GLIBC_TUNABLES")):
         return {}
-    return {"GLIBC_TUNABLES": GLIBC_TUNABLES}
+    return dict(ALLOCATOR_ENV)
 
 
 def tune_this_process() -> bool:
@@ -44,5 +45,5 @@ def tune_this_process() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD - 1)
-                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD // 2 - 1))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

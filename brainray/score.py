@@ -34,7 +34,7 @@ from brainray.transforms import preprocess_image
 
 STATUS_OK, STATUS_ERROR = "ok", "error"
 IMAGES_PER_BLOCK = 64  # bounds memory when one archive expands into thousands of images
-READ_TASK_CPUS = 0.5  # decode is light next to inference; two read tasks fit beside an actor
+READ_TASK_CPUS = 0.5  # GPU scoring: decode is light next to inference; tasks fit beside actors
 
 
 def output_schema(classes: list[str]) -> pa.Schema:
@@ -302,6 +302,15 @@ def _check_output_classes(output: str, classes: list[str], options: StorageOptio
                          f"the model was trained on {list(classes)}; score into another --output")
 
 
+def _read_resources(config: ScoreConfig) -> dict:
+    """Where decoding runs. With GPUs, in CPU tasks of their own (a CPU request unlike the
+    actors' keeps Ray Data from fusing them), so every CPU decodes while the GPUs infer. On
+    CPUs, fused into the inference actors: the actors' threads already use every core, and
+    parallel decode tasks only preempted them (0.62 of the inference limit unfused vs 0.8+
+    fused, bench/scoring.py on 2 cores)."""
+    return {"num_cpus": READ_TASK_CPUS} if config.use_gpu else {}
+
+
 def _actor_threads(config: ScoreConfig) -> int:
     return config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.concurrency)
 
@@ -344,10 +353,8 @@ def run_scoring(config: ScoreConfig) -> dict:
     context.raise_original_map_exception = True
     scored = (
         ray.data.from_items(files)
-        # A CPU request unlike the actors' keeps Ray Data from fusing decoding into the
-        # inference actors: decoding then runs in parallel tasks while the actors only infer.
         .map_batches(read_and_preprocess, batch_size=config.files_per_task,
-                     num_cpus=READ_TASK_CPUS, fn_kwargs={
+                     **_read_resources(config), fn_kwargs={
                          "options": options, "preprocess": preprocess_config(checkpoint),
                          "limits": SourceLimits(
                              max_image_pixels=checkpoint["preprocess"]["max_image_pixels"]),

@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -86,22 +87,38 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _to_device(batch: dict[str, np.ndarray], device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and int64 labels of a numpy batch, on the device; other columns (the path)
+    ride along in the split datasets for evaluation and are ignored here."""
+    images = torch.from_numpy(np.ascontiguousarray(batch[COL_IMAGE]))
+    labels = torch.from_numpy(batch[COL_LABEL].astype(np.int64, copy=False))
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
 def train_one_epoch(model, optimizer, scaler, shard, loop: dict, epoch: int, state: LoopState,
                     device: torch.device) -> dict:
     model.train()
     rank = ray.train.get_context().get_world_rank()
     generator = augmentation_generator(loop["seed"], epoch, rank)
     augment: AugmentConfig | None = loop["augment_config"]
-    loss_sum, correct, seen = 0.0, 0, 0
+    # Sums stay on the device: a .item() per step would stall a GPU's queue every batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, input_wait = 0, 0.0
     started = last_print = time.perf_counter()
-    batches = shard.iter_torch_batches(
-        batch_size=loop["batch_size_per_worker"], device=device,
-        dtypes={COL_IMAGE: torch.uint8, COL_LABEL: torch.int64}, prefetch_batches=2,
+    batches = iter(shard.iter_batches(
+        batch_size=loop["batch_size_per_worker"], batch_format="numpy", prefetch_batches=2,
         local_shuffle_buffer_size=loop["shuffle_buffer_images"],
-        local_shuffle_seed=loop["seed"] * 1_000_003 + epoch * 1_009 + rank)
-    for batch in batches:
-        x = to_model_input(batch[COL_IMAGE])
-        y = batch[COL_LABEL]
+        local_shuffle_seed=loop["seed"] * 1_000_003 + epoch * 1_009 + rank))
+    while True:
+        waited_from = time.perf_counter()
+        batch = next(batches, None)
+        input_wait += time.perf_counter() - waited_from  # time the model sat idle for data
+        if batch is None:
+            break
+        images, y = _to_device(batch, device)
+        x = to_model_input(images)
         if augment is not None:
             x = augment_batch(x, augment, generator).contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
@@ -114,20 +131,22 @@ def train_one_epoch(model, optimizer, scaler, shard, loop: dict, epoch: int, sta
         scaler.step(optimizer)
         scaler.update()
         loop["step"] += 1
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         now = time.perf_counter()
         if now - last_print > PROGRESS_INTERVAL_S:
-            print0(f"  epoch {epoch + 1}: {seen} images, loss {loss_sum / seen:.4f}, "
+            print0(f"  epoch {epoch + 1}: {seen} images, loss {loss_sum.item() / seen:.4f}, "
                    f"{seen / (now - started):.1f} img/s on this worker")
             last_print = now
     elapsed = time.perf_counter() - started
-    loss_sum, correct, seen, elapsed_max = _all_reduce_sums(
-        [loss_sum, correct, seen, elapsed], device)
+    loss_sum, correct, seen, input_wait = _all_reduce_sums(
+        [loss_sum.item(), correct.item(), seen, input_wait], device)
+    world = ray.train.get_context().get_world_size()
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "train_images": int(seen), "train_seconds": elapsed,
-            "images_per_s": seen / max(elapsed, 1e-9)}
+            "images_per_s": seen / max(elapsed, 1e-9),
+            "input_wait_fraction": input_wait / world / max(elapsed, 1e-9)}
 
 
 def evaluate_epoch(model, val_iterator, loop: dict, device: torch.device) -> dict:
@@ -136,16 +155,15 @@ def evaluate_epoch(model, val_iterator, loop: dict, device: torch.device) -> dic
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     loss_sum, correct, seen = 0.0, 0, 0
-    batches = val_iterator.iter_torch_batches(
-        batch_size=loop["batch_size_per_worker"] * 2, device=device,
-        dtypes={COL_IMAGE: torch.uint8, COL_LABEL: torch.int64})
+    batches = val_iterator.iter_batches(batch_size=loop["batch_size_per_worker"] * 2,
+                                        batch_format="numpy")
     with torch.inference_mode():
         for i, batch in enumerate(batches):
             if i % world != rank:
                 continue
-            y = batch[COL_LABEL]
+            images, y = _to_device(batch, device)
             with autocast_for(device, loop["precision"]):
-                logits = unwrap(model)(to_model_input(batch[COL_IMAGE]))
+                logits = unwrap(model)(to_model_input(images))
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -195,7 +213,8 @@ def _format_epoch(metrics: dict, epochs: int, eta_s: float) -> str:
     return (f"epoch {metrics['epoch']}/{epochs}  "
             f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}  |  "
             f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}  |  "
-            f"{metrics['images_per_s']:.1f} img/s  lr {metrics['lr']:.2e}  "
+            f"{metrics['images_per_s']:.1f} img/s (waiting for data "
+            f"{metrics['input_wait_fraction']:.0%})  lr {metrics['lr']:.2e}  "
             f"ETA {eta_s / 60:.1f} min (at most)")
 
 

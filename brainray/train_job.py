@@ -22,7 +22,6 @@ from brainray import split as splitting
 from brainray.config import (
     COL_ERROR,
     COL_GROUP,
-    COL_IMAGE,
     COL_LABEL,
     COL_PATH,
     COL_SHA256,
@@ -31,7 +30,12 @@ from brainray.config import (
     TrainConfig,
     to_dict,
 )
-from brainray.data import LabeledData, assign_splits, load_labeled, select_rows, shuffled_each_epoch
+from brainray.data import (
+    LabeledData,
+    assign_splits,
+    load_labeled,
+    materialize_splits,
+)
 from brainray.evaluate import (
     compute_metrics,
     predict_labeled,
@@ -142,7 +146,7 @@ def _best_model(result, config: TrainConfig) -> tuple[dict, dict]:
     return deserialize(model_bytes, source=best_uri), state["loop_state"]
 
 
-def _calibrate_and_guard(config: TrainConfig, labeled: LabeledData, paths: dict,
+def _calibrate_and_guard(config: TrainConfig, splits: dict, paths: dict,
                          predictions: pd.DataFrame, checkpoint: dict
                          ) -> tuple[pd.DataFrame, dict, dict]:
     """Temperature scaling and the review threshold (fitted on validation, reported on test) and
@@ -154,7 +158,7 @@ def _calibrate_and_guard(config: TrainConfig, labeled: LabeledData, paths: dict,
     options, model_uri = config.storage, storage.join(config.run_dir, MODEL_FILE)
     fields, report = {}, {}
     try:
-        val_predictions = predict_labeled(labeled.dataset, paths["val"], model_uri, options,
+        val_predictions = predict_labeled(splits["val"], paths["val"], model_uri, options,
                                           use_gpu=config.use_gpu)
         result = calibration.calibrate_run(val_predictions, predictions, config.target_accuracy)
         predictions = result.test_predictions
@@ -176,7 +180,7 @@ def _calibrate_and_guard(config: TrainConfig, labeled: LabeledData, paths: dict,
         print(f"warning: calibration failed, the model stays uncalibrated: {exc}", flush=True)
     try:
         fields["ood_reference"] = ood.reference_from_dataset(
-            select_rows(labeled.dataset, paths["train"], columns=(COL_IMAGE,)))
+            splits["train"])
         report["ood_reference"] = fields["ood_reference"]
     except Exception as exc:
         print(f"warning: no OOD reference from the training images: {exc}", flush=True)
@@ -204,6 +208,10 @@ def run_training(config: TrainConfig) -> dict:
                                                                             "test")}
     if min(len(paths["train"]), len(paths["val"])) == 0:
         raise ValueError("too few usable images to make non-empty train and validation splits")
+    if held_out is None and len(paths["test"]) == 0:
+        raise ValueError("too few usable images to make a non-empty test split")
+    splits = materialize_splits(labeled.dataset, paths, config.seed)
+    labeled = LabeledData(dataset=None, index=labeled.index)  # frees the unsplit copy
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -212,9 +220,8 @@ def run_training(config: TrainConfig) -> dict:
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=_run_config(config),
-        datasets={"train": shuffled_each_epoch(select_rows(labeled.dataset, paths["train"]),
-                                               config.seed),
-                  "val": select_rows(labeled.dataset, paths["val"])},
+        datasets={"train": splits["train"],
+                  "val": splits["val"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     started = time.perf_counter()
     result = trainer.fit()
@@ -222,13 +229,13 @@ def run_training(config: TrainConfig) -> dict:
     checkpoint, loop_state = _best_model(result, config)
     history = loop_state["history"]
 
-    test_source = held_out if held_out is not None else labeled
+    test_source = held_out.dataset if held_out is not None else splits["test"]
     test_paths = (held_out.index.loc[held_out.index[COL_ERROR] == "", COL_PATH]
                   if held_out is not None else paths["test"])
-    predictions = predict_labeled(test_source.dataset, test_paths,
+    predictions = predict_labeled(test_source, test_paths,
                                   storage.join(config.run_dir, MODEL_FILE), options,
                                   use_gpu=config.use_gpu)
-    predictions, checkpoint, trust_report = _calibrate_and_guard(config, labeled, paths,
+    predictions, checkpoint, trust_report = _calibrate_and_guard(config, splits, paths,
                                                                  predictions, checkpoint)
     test = compute_metrics(predictions, classes)
     test_index = (held_out.index[held_out.index[COL_ERROR] == ""] if held_out is not None

@@ -302,10 +302,11 @@ def test_init_ray_gives_the_jobs_workers_the_allocator_settings(monkeypatch):
     from brainray import runtime_env
 
     calls = []
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name in (*runtime_env.ALLOCATOR_ENV, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(runtime_env, "tune_this_process", lambda: True)
     assert cli.init_ray("auto", use_gpu=False) is False
-    assert calls[0]["runtime_env"] == {"env_vars": {"GLIBC_TUNABLES": runtime_env.GLIBC_TUNABLES}}
+    assert calls[0]["runtime_env"] == {"env_vars": runtime_env.ALLOCATOR_ENV}
     assert calls[0]["address"] == "auto"

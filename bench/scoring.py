@@ -1,0 +1,124 @@
+"""(4) `brainray score` end to end against the model's inference limit and a plain loop.
+
+    python -m bench.scoring [--images 3000] [--model CHECKPOINT]
+
+Three figures on the same files in one run: the model alone on pre-decoded tensors (the
+inference limit), a plain PIL + torch loop over the files (what a user writes by hand), and
+`brainray score` on a local Ray. All three use the same model settings (channels-last, the
+allocator set up as brainray sets it up); `brainray score` also computes and writes everything
+in the output schema (calibrated probabilities, OOD guard, review flag) and commits exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import (
+    DEFAULT_DATA,
+    MemorySampler,
+    rate_for,
+    ratio,
+    replicate,
+    source_files,
+    untrained_checkpoint,
+)
+from brainray.config import ScoreConfig
+from brainray.model import model_from_checkpoint
+from brainray.runtime_env import tune_this_process
+from brainray.transforms import to_model_input
+
+
+def _model(checkpoint: Path) -> torch.nn.Module:
+    payload = torch.load(checkpoint, weights_only=True)
+    return model_from_checkpoint(payload).to(memory_format=torch.channels_last)
+
+
+def inference_limit(checkpoint: Path, batch: int, seconds: float) -> float:
+    model = _model(checkpoint)
+    x = to_model_input(torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8))
+
+    def step() -> int:
+        with torch.inference_mode():
+            torch.softmax(model(x), 1).numpy()
+        return batch
+    return rate_for(seconds, step)
+
+
+def plain_loop(checkpoint: Path, files: list[Path], batch: int) -> float:
+    """The loop a user writes by hand: PIL decode/convert/resize, stack, forward."""
+    model = _model(checkpoint)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(files), batch):
+            arrays = [np.asarray(Image.open(f).convert("RGB").resize((224, 224)))
+                      for f in files[i:i + batch]]
+            probs = torch.softmax(model(to_model_input(torch.from_numpy(np.stack(arrays)))), 1)
+            probs.numpy()
+    return len(files) / (time.perf_counter() - start)
+
+
+def brainray_score(checkpoint: Path, folder: Path, output: Path, batch: int,
+                   concurrency: int = 1) -> dict:
+    import ray
+
+    from brainray.cli import init_ray
+    from brainray.score import run_scoring
+
+    init_ray(None, use_gpu=False)
+    try:
+        with MemorySampler() as memory:
+            start = time.perf_counter()
+            summary = run_scoring(ScoreConfig(model=str(checkpoint), inputs=(str(folder),),
+                                              output=str(output), batch_size=batch,
+                                              concurrency=concurrency))
+            total = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {"images": summary["images"], "images_per_s": round(summary["images_per_s"], 1),
+            "job_s_incl_listing_and_commit": round(total, 1),
+            "job_images_per_s": round(summary["images"] / total, 1), **memory.report()}
+
+
+def measure(data: str, images: int, model: str | None, batch: int, seconds: float) -> dict:
+    tune_this_process()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        checkpoint = Path(model) if model else untrained_checkpoint("paper_cnn",
+                                                                    workdir / "model.pt")
+        folder = replicate(source_files(data), images, workdir / "inputs")
+        files = sorted(folder.glob("*/*.jpg"))
+        limit = inference_limit(checkpoint, batch, seconds)
+        plain = plain_loop(checkpoint, files, batch)
+        ours = brainray_score(checkpoint, folder, workdir / "out", batch)
+    return {"images": images, "model": model or "paper_cnn (untrained)", "batch_size": batch,
+            "inference_limit_images_per_s": round(limit, 1),
+            "plain_loop_images_per_s": round(plain, 1), "brainray": ours,
+            "brainray_vs_inference_limit": ratio(ours["images_per_s"], limit),
+            "brainray_vs_plain_loop": ratio(ours["images_per_s"], plain)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--model", default=None, help="checkpoint (default: untrained paper_cnn)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args(argv)
+    result = measure(args.data, args.images, args.model, args.batch_size, args.seconds)
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
