@@ -165,7 +165,8 @@ def _score_parser(sub) -> None:
                    help="score every input again, even those this model already scored "
                         "(adds rows; default is incremental)")
     p.add_argument("--files-per-task", type=int, default=d["files_per_task"].default,
-                   help="input files read per Ray Data task")
+                   help="input files read per Ray Data task (on CPU at least --batch-size: "
+                        "decoding is fused into the inference actors there)")
     p.add_argument("--rows-per-file", type=int, default=d["rows_per_file"].default,
                    help="target rows per output Parquet file")
     _add_cluster_flags(p)

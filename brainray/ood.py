@@ -75,7 +75,13 @@ def mean_range(reference: dict | None) -> tuple[float, float]:
 
 def check(images: np.ndarray, reference: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """Flags (bool per image) and a reason per image ("" when in distribution)."""
-    features = image_features(images)
+    return decide(image_features(images), reference)
+
+
+def decide(features: dict[str, np.ndarray], reference: dict | None = None
+           ) -> tuple[np.ndarray, list[str]]:
+    """The rules applied to precomputed features: scoring computes them in its CPU read tasks,
+    beside decoding, so the inference actors (one per GPU) only compare three numbers."""
     low, high = mean_range(reference)
     reasons = []
     for colour, std, mean in zip(features["colour_fraction"], features["std"], features["mean"],

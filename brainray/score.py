@@ -143,10 +143,17 @@ def _empty_rows() -> dict[str, list]:
                             "source_size", "source_mtime_ns", "image")}
 
 
+OOD_COLUMNS = {"colour_fraction": "ood_colour_fraction", "std": "ood_std", "mean": "ood_mean"}
+
+
 def _to_block(rows: dict[str, list], image_size: int) -> dict[str, np.ndarray]:
     block = {k: np.array(v, dtype=object) for k, v in rows.items() if k != "image"}
     block["image"] = (np.stack(rows["image"]) if rows["image"]
                       else np.zeros((0, image_size, image_size, 3), np.uint8))
+    # the OOD guard's statistics, computed here in CPU tasks that scale with the cluster's CPUs
+    features = ood.image_features(block["image"])
+    for name, column in OOD_COLUMNS.items():
+        block[column] = features[name]
     return block
 
 
@@ -242,7 +249,9 @@ class Scorer:
         confidence = probs.max(1, initial=-np.inf, where=~np.isnan(probs))
         ood_flags, ood_reasons = np.zeros(n, dtype=bool), [""] * n
         if self.ood_check and ok.any():
-            flags, reasons = ood.check(batch["image"][ok], self.predictor.ood_reference)
+            flags, reasons = ood.decide({name: np.asarray(batch[column], dtype=np.float64)[ok]
+                                         for name, column in OOD_COLUMNS.items()},
+                                        self.predictor.ood_reference)
             ood_flags[ok] = flags
             for i, reason in zip(np.flatnonzero(ok), reasons, strict=True):
                 ood_reasons[i] = reason
@@ -311,6 +320,14 @@ def _read_resources(config: ScoreConfig) -> dict:
     return {"num_cpus": READ_TASK_CPUS} if config.use_gpu else {}
 
 
+def _files_per_task(config: ScoreConfig) -> int:
+    """Fused into a CPU actor, a task is one inference call: give it a whole batch of files
+    (fewer, fuller calls: +6% images/s on 2 cores). With GPUs, small tasks spread decoding
+    over every CPU of the cluster."""
+    return config.files_per_task if config.use_gpu else max(config.files_per_task,
+                                                           config.batch_size)
+
+
 def _actor_threads(config: ScoreConfig) -> int:
     return config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.concurrency)
 
@@ -353,7 +370,7 @@ def run_scoring(config: ScoreConfig) -> dict:
     context.raise_original_map_exception = True
     scored = (
         ray.data.from_items(files)
-        .map_batches(read_and_preprocess, batch_size=config.files_per_task,
+        .map_batches(read_and_preprocess, batch_size=_files_per_task(config),
                      **_read_resources(config), fn_kwargs={
                          "options": options, "preprocess": preprocess_config(checkpoint),
                          "limits": SourceLimits(

@@ -79,3 +79,27 @@ def test_features_of_an_empty_batch_and_bad_shapes():
     assert ood.check(np.zeros((0, 8, 8, 3), np.uint8))[0].shape == (0,)
     with pytest.raises(ValueError):
         ood.image_features(np.zeros((8, 8), np.uint8))
+
+
+def test_features_match_a_full_resolution_numpy_reference_on_real_mri():
+    """Features come from every other pixel, in torch; on real scans they must agree with the
+    full-image definition far inside the rules' margins (0.02 std floor vs >= 0.10 for MRI)."""
+    paths = sorted(Path(sample_data_dir()).glob("*/*"))[:24]
+    images = np.stack([preprocess_bytes(p.read_bytes(), PreprocessConfig()) for p in paths])
+    gray = images.reshape(len(images), -1, 3).mean(axis=2, dtype=np.float64) / 255.0
+    spread = images.max(axis=3).astype(np.int16) - images.min(axis=3)
+    features = ood.image_features(images)
+    np.testing.assert_allclose(features["mean"], gray.mean(axis=1), atol=0.01)
+    np.testing.assert_allclose(features["std"], gray.std(axis=1), atol=0.01)
+    np.testing.assert_allclose(features["colour_fraction"],
+                               (spread > ood.SATURATION_LEVEL * 255).reshape(len(images), -1)
+                               .mean(axis=1), atol=0.01)
+
+
+def test_decide_on_precomputed_features_equals_check():
+    images = _batch([colour_photo(), text_on_white(), Image.new("L", (80, 80), 0)])
+    reference = {"mean_range": [0.0, 0.5]}
+    flags, reasons = ood.check(images, reference)
+    decided_flags, decided_reasons = ood.decide(ood.image_features(images), reference)
+    assert flags.tolist() == decided_flags.tolist() == [True, True, True]
+    assert reasons == decided_reasons

@@ -1,0 +1,96 @@
+"""The benchmark suite's pure parts: data replication, reports and the summary table.
+
+The measurements themselves are run by `python -m bench`, never by the tests (no timed asserts).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bench import compute, scaling, time_to_accuracy
+from bench.__main__ import summary_table
+from bench.common import replicate
+from brainray.model import build_model
+
+
+def _sources(tmp_path: Path) -> list[str]:
+    files = []
+    for label, count in (("glioma", 3), ("notumor", 2)):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(count):
+            path = tmp_path / "src" / label / f"{i}.jpg"
+            path.write_bytes(f"{label}{i}".encode())
+            files.append(str(path))
+    return files
+
+
+def test_replicate_makes_distinct_names_for_the_same_bytes_class_by_class(tmp_path):
+    target = replicate(_sources(tmp_path), 7, tmp_path / "out")
+    made = sorted(target.glob("*/*.jpg"))
+    assert len(made) == 7
+    assert {p.parent.name for p in made} == {"glioma", "notumor"}
+    assert len({p.name for p in made}) == 7
+    for path in made:  # every replica carries a real source's bytes, under its class
+        assert path.read_bytes().decode().startswith(path.parent.name)
+    # classes interleave, so a prefix keeps the class mix
+    first_two = sorted(p for p in made if p.name.startswith(("000000_", "000001_")))
+    assert {p.parent.name for p in first_two} == {"glioma", "notumor"}
+    assert os.stat(made[0]).st_nlink >= 2  # hard links, not copies
+
+
+def test_naive_paper_cnn_has_the_same_parameters_as_brainrays():
+    naive = compute.NaivePaperCNN()
+    ours = build_model("paper_cnn", 4)
+    ours.load_state_dict(naive.state_dict())  # same names and shapes
+    x = torch.rand(2, 3, 224, 224)
+    torch.testing.assert_close(naive.eval()(x), ours.eval()(x))
+
+
+def test_scaling_marginal_time_per_image():
+    points = [{"images": 100, "job_s": 10.0}, {"images": 400, "job_s": 13.0},
+              {"images": 1600, "job_s": 25.0}]
+    assert scaling._marginal(points, "job_s") == [None, 10.0, 10.0]
+
+
+def _metrics(accuracy: float) -> dict:
+    history = [{"epoch": i + 1, "epoch_seconds": 60.0, "val_accuracy": v}
+               for i, v in enumerate([0.7, 0.86, 0.91])]
+    return {"model_name": "bn_cnn", "accuracy": accuracy, "accuracy_ci95": [0.9, 0.95],
+            "training_wall_s": 200.0, "best_epoch": 3, "baseline_1nn": {"accuracy": 0.92},
+            "history": history,
+            "config": {"model": "bn_cnn", "augment": "light", "lr": 1e-3, "epochs": 3,
+                       "patience": 6, "batch_size_per_worker": 32}}
+
+
+def test_time_to_accuracy_report():
+    result = time_to_accuracy.report(_metrics(0.92), target=0.9688)
+    assert result["target_reached"] is False
+    assert [p["elapsed_min"] for p in result["curve"]] == [1.0, 2.0, 3.0]
+    reached = result["first_minute_validation_accuracy_reached"]
+    assert reached["0.8500"] == 2.0 and reached["0.9000"] == 3.0 and reached["0.9500"] is None
+    assert time_to_accuracy.report(_metrics(0.97), target=0.9688)["target_reached"] is True
+
+
+def test_summary_table_marks_met_and_missed_targets():
+    results = {
+        "compute": {"fastest_train_images_per_s": 69.0, "fastest_train_precision": "fp32",
+                    "naive_fp32_nchw_train_images_per_s": 23.0, "fastest_vs_naive_train": 3.0,
+                    "fastest_infer_images_per_s": 220.0, "fastest_infer_precision": "fp32",
+                    "naive_fp32_nchw_infer_images_per_s": 47.0, "fastest_vs_naive_infer": 4.68},
+        "training": {"brainray": {"steady_train_images_per_s": 55.0},
+                     "torchvision_dataloader": {"steady_train_images_per_s": 50.0},
+                     "brainray_vs_torchvision": 1.1, "compute_limit_train_images_per_s": 69.0,
+                     "brainray_vs_compute_limit": 0.797},
+        "time_to_accuracy": time_to_accuracy.report(_metrics(0.92), target=0.9688),
+    }
+    table = summary_table(results).splitlines()
+    assert len(table) == 2 + 2 + 2 + 1
+    row = {line.split("|")[1].strip(): line for line in table[2:]}
+    assert row["(1) train step, img/s"].endswith("| met |")
+    assert row["(2) `brainray train` vs compute limit, img/s"].endswith("| **missed** |")
+    assert "| 1.10 |" in row["(3) `brainray train` vs torchvision DataLoader(num_workers=2), "
+                             "img/s"]
+    assert row["(6) time to the paper's 96.88% test accuracy"].endswith("| **missed** |")
