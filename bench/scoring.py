@@ -35,36 +35,42 @@ from bench.common import (
 )
 from brainray.config import ScoreConfig
 from brainray.model import model_from_checkpoint
+from brainray.predict import autocast_for
 from brainray.runtime_env import tune_this_process
 from brainray.transforms import to_model_input
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _model(checkpoint: Path) -> torch.nn.Module:
     payload = torch.load(checkpoint, weights_only=True)
-    return model_from_checkpoint(payload).to(memory_format=torch.channels_last)
+    return model_from_checkpoint(payload).to(_device(), memory_format=torch.channels_last)
 
 
 def inference_limit(checkpoint: Path, batch: int, seconds: float) -> float:
-    model = _model(checkpoint)
-    x = to_model_input(torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8))
+    model, device = _model(checkpoint), _device()
+    x = to_model_input(torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8,
+                                     device=device))
 
     def step() -> int:
-        with torch.inference_mode():
-            torch.softmax(model(x), 1).numpy()
+        with torch.inference_mode(), autocast_for(device):
+            torch.softmax(model(x).float(), 1).cpu().numpy()
         return batch
     return rate_for(seconds, step)
 
 
 def plain_loop(checkpoint: Path, files: list[Path], batch: int) -> float:
     """The loop a user writes by hand: PIL decode/convert/resize, stack, forward."""
-    model = _model(checkpoint)
+    model, device = _model(checkpoint), _device()
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_for(device):
         for i in range(0, len(files), batch):
             arrays = [np.asarray(Image.open(f).convert("RGB").resize((224, 224)))
                       for f in files[i:i + batch]]
-            probs = torch.softmax(model(to_model_input(torch.from_numpy(np.stack(arrays)))), 1)
-            probs.numpy()
+            x = to_model_input(torch.from_numpy(np.stack(arrays)).to(device))
+            torch.softmax(model(x).float(), 1).cpu().numpy()
     return len(files) / (time.perf_counter() - start)
 
 
@@ -75,13 +81,13 @@ def brainray_score(checkpoint: Path, folder: Path, output: Path, batch: int,
     from brainray.cli import init_ray
     from brainray.score import run_scoring
 
-    init_ray(None, use_gpu=False)
+    use_gpu = init_ray(None, use_gpu=None)  # GPUs when the machine has them
     try:
         with MemorySampler() as memory:
             start = time.perf_counter()
             summary = run_scoring(ScoreConfig(model=str(checkpoint), inputs=(str(folder),),
                                               output=str(output), batch_size=batch,
-                                              concurrency=concurrency))
+                                              concurrency=concurrency, use_gpu=use_gpu))
             total = time.perf_counter() - start
     finally:
         ray.shutdown()

@@ -25,6 +25,7 @@ from torch import nn
 from bench.common import DEFAULT_DATA, MemorySampler, ratio, replicate, source_files
 from brainray.config import TrainConfig
 from brainray.model import build_model
+from brainray.predict import autocast_for
 from brainray.runtime_env import tune_this_process
 from brainray.train import make_optimizer
 
@@ -36,8 +37,9 @@ def run_brainray(data: Path, run_dir: Path, model: str, epochs: int, batch_size:
     from brainray.train_job import run_training
 
     config = TrainConfig(data=str(data), run_dir=str(run_dir), model=model, epochs=epochs,
-                         batch_size_per_worker=batch_size, augment="paper", patience=epochs + 1)
-    init_ray(None, use_gpu=False)
+                         batch_size_per_worker=batch_size, augment="paper", patience=epochs + 1,
+                         use_gpu=torch.cuda.is_available())
+    init_ray(None, use_gpu=config.use_gpu)
     try:
         with MemorySampler() as memory:
             started = time.perf_counter()
@@ -80,9 +82,10 @@ def run_torchvision(data: Path, model_name: str, epochs: int, batch_size: int,
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = build_model(model_name, 4).to(memory_format=torch.channels_last)
+    model = build_model(model_name, 4).to(device, memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     optimizer = make_optimizer(model, 5e-4, 0.0, device)
     loader = DataLoader(ImageFolder(str(data), transform=torchvision_transform()),
                         batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -101,11 +104,14 @@ def run_torchvision(data: Path, model_name: str, epochs: int, batch_size: int,
                 if batch is None:
                     break
                 x, y = batch
-                x = x.contiguous(memory_format=torch.channels_last)
-                loss = nn.functional.cross_entropy(model(x), y)
+                x = x.to(device).contiguous(memory_format=torch.channels_last)
+                y = y.to(device)
+                with autocast_for(device):
+                    loss = nn.functional.cross_entropy(model(x).float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 seen += len(y)
             elapsed = time.perf_counter() - epoch_start
             epoch_rates.append(seen / elapsed)

@@ -92,7 +92,7 @@ def _to_device(batch: dict[str, np.ndarray], device: torch.device
     """uint8 images and int64 labels of a numpy batch, on the device; other columns (the path)
     ride along in the split datasets for evaluation and are ignored here."""
     images = torch.from_numpy(np.ascontiguousarray(batch[COL_IMAGE]))
-    labels = torch.from_numpy(batch[COL_LABEL].astype(np.int64, copy=False))
+    labels = torch.from_numpy(np.array(batch[COL_LABEL], dtype=np.int64))  # writable copy
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
