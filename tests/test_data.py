@@ -10,6 +10,7 @@ from brainray.config import (
     COL_BYTES,
     COL_ERROR,
     COL_FINGERPRINT,
+    COL_IMAGE,
     COL_LABEL,
     COL_PATH,
     COL_SHA256,
@@ -17,7 +18,13 @@ from brainray.config import (
     PreprocessConfig,
     StorageOptions,
 )
-from brainray.data import assign_splits, decode_labeled_batch, load_labeled, sample_data_dir
+from brainray.data import (
+    assign_splits,
+    decode_labeled_batch,
+    load_labeled,
+    materialize_splits,
+    sample_data_dir,
+)
 from tests.conftest import encode, synthetic_scan, tiny_dataset_files, upload_tree, write_tree
 
 CLASSES = list(DEFAULT_CLASSES)
@@ -103,6 +110,28 @@ def test_load_labeled_reads_a_folder_into_a_sorted_index(ray_cluster, tmp_path):
     assert index.groupby(COL_LABEL).size().tolist() == [5, 5, 5, 5]
     assert (index[COL_ERROR] == "").all()
     assert labeled.dataset.count() == 20
+
+
+@pytest.mark.ray
+def test_materialize_splits_holds_each_splits_rows_once_train_shuffled(ray_cluster, tmp_path):
+    root = write_tree(tmp_path / "data", tiny_dataset_files(per_class=5))
+    labeled = load_labeled(str(root), CLASSES, PreprocessConfig(image_size=24), StorageOptions())
+    paths = sorted(labeled.index[COL_PATH])
+    by_split = {"train": pd.Series(paths[:14]), "val": pd.Series(paths[14:17]),
+                "test": pd.Series(paths[17:]), "empty": pd.Series([], dtype=object)}
+
+    splits = materialize_splits(labeled.dataset, by_split, seed=3)
+
+    assert set(splits) == {"train", "val", "test"}  # an empty split is left out
+    for name in ("train", "val", "test"):
+        rows = splits[name].to_pandas()
+        assert sorted(rows[COL_PATH]) == sorted(by_split[name])
+        assert set(rows.columns) == {COL_PATH, COL_IMAGE, COL_LABEL}
+    # files are listed class by class; the train split is shuffled once, reproducibly
+    train_order = splits["train"].to_pandas()[COL_PATH].tolist()
+    assert train_order != sorted(train_order)
+    again = materialize_splits(labeled.dataset, {"train": by_split["train"]}, seed=3)
+    assert again["train"].to_pandas()[COL_PATH].tolist() == train_order
 
 
 @pytest.mark.ray
