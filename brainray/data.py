@@ -229,8 +229,8 @@ def materialize_splits(dataset: ray.data.Dataset, paths: dict[str, pd.Series], s
     splits = {}
     for name, split_paths in paths.items():
         if len(split_paths):
-            rows = select_rows(dataset, split_paths, columns=SPLIT_COLUMNS).materialize()
-            if name == "train":
-                rows = rows.random_shuffle(seed=seed).materialize()
-            splits[name] = rows
+            rows = select_rows(dataset, split_paths, columns=SPLIT_COLUMNS)
+            if name == "train":  # shuffled straight from the filter: no third copy at the peak
+                rows = rows.random_shuffle(seed=seed)
+            splits[name] = rows.materialize()
     return splits
