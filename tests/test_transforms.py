@@ -385,6 +385,21 @@ def test_augment_brightness_only_scales_pixels():
     assert torch.allclose(out, (0.4 * factors).view(8, 1, 1, 1).expand_as(out), atol=1e-5)
 
 
+def test_augment_brightness_then_contrast_matches_the_two_step_definition():
+    """The fused multiply-add equals brightness, then contrast about the brightened mean."""
+    config = dataclasses.replace(NEUTRAL, brightness=0.3, contrast=0.4)
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = augment_batch(images, config, torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(5)
+    sample_affine(6, config, draws)  # the same draws, in the same order, as augment_batch
+    brightness = (0.7 + 0.6 * torch.rand(6, generator=draws)).view(6, 1, 1, 1)
+    contrast = (0.6 + 0.8 * torch.rand(6, generator=draws)).view(6, 1, 1, 1)
+    bright = images * brightness
+    mean = bright.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(out, ((bright - mean) * contrast + mean).clamp(0, 1),
+                               atol=1e-5, rtol=0)
+
+
 def test_augment_preset_levels():
     assert AugmentConfig.preset("none") is None
     assert AugmentConfig.preset("paper") == AugmentConfig()
