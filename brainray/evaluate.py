@@ -29,8 +29,13 @@ from brainray.predict import COL_PROBS, Predictor, load_checkpoint, resolve_chec
 def predict_labeled(dataset: ray.data.Dataset, paths, model_uri: str, options: StorageOptions,
                     batch_size: int = 64, num_actors: int = 1,
                     use_gpu: bool = False) -> pd.DataFrame:
-    """Per-image path, true label and class probabilities (small: the images stay in Ray)."""
-    rows = select_rows(dataset, paths, columns=(COL_PATH, COL_IMAGE, COL_LABEL))
+    """Per-image path, true label and class probabilities (small: the images stay in Ray).
+
+    `paths=None` scores every row of `dataset`, which must hold just path, image and label (a
+    split from `materialize_splits`): filtering it again would copy every image once more.
+    """
+    rows = dataset if paths is None else select_rows(dataset, paths,
+                                                     columns=(COL_PATH, COL_IMAGE, COL_LABEL))
     predicted = rows.map_batches(
         Predictor, batch_size=batch_size,
         fn_constructor_kwargs={"model_uri": model_uri, "options": options, "use_gpu": use_gpu},

@@ -315,8 +315,8 @@ def _read_resources(config: ScoreConfig) -> dict:
     """Where decoding runs. With GPUs, in CPU tasks of their own (a CPU request unlike the
     actors' keeps Ray Data from fusing them), so every CPU decodes while the GPUs infer. On
     CPUs, fused into the inference actors: the actors' threads already use every core, and
-    parallel decode tasks only preempted them (0.62 of the inference limit unfused vs 0.8+
-    fused, bench/scoring.py on 2 cores)."""
+    parallel decode tasks only preempted them (137 images/s steady unfused vs 146-169 fused,
+    bench/scoring.py on 2 cores)."""
     return {"num_cpus": READ_TASK_CPUS} if config.use_gpu else {}
 
 

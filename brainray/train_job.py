@@ -146,8 +146,8 @@ def _best_model(result, config: TrainConfig) -> tuple[dict, dict]:
     return deserialize(model_bytes, source=best_uri), state["loop_state"]
 
 
-def _calibrate_and_guard(config: TrainConfig, splits: dict, paths: dict,
-                         predictions: pd.DataFrame, checkpoint: dict
+def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.DataFrame,
+                         checkpoint: dict
                          ) -> tuple[pd.DataFrame, dict, dict]:
     """Temperature scaling and the review threshold (fitted on validation, reported on test) and
     the OOD reference (training images); model.pt is rewritten with them, same model_id.
@@ -158,7 +158,7 @@ def _calibrate_and_guard(config: TrainConfig, splits: dict, paths: dict,
     options, model_uri = config.storage, storage.join(config.run_dir, MODEL_FILE)
     fields, report = {}, {}
     try:
-        val_predictions = predict_labeled(splits["val"], paths["val"], model_uri, options,
+        val_predictions = predict_labeled(splits["val"], None, model_uri, options,
                                           use_gpu=config.use_gpu)
         result = calibration.calibrate_run(val_predictions, predictions, config.target_accuracy)
         predictions = result.test_predictions
@@ -231,12 +231,12 @@ def run_training(config: TrainConfig) -> dict:
 
     test_source = held_out.dataset if held_out is not None else splits["test"]
     test_paths = (held_out.index.loc[held_out.index[COL_ERROR] == "", COL_PATH]
-                  if held_out is not None else paths["test"])
+                  if held_out is not None else None)
     predictions = predict_labeled(test_source, test_paths,
                                   storage.join(config.run_dir, MODEL_FILE), options,
                                   use_gpu=config.use_gpu)
-    predictions, checkpoint, trust_report = _calibrate_and_guard(config, splits, paths,
-                                                                 predictions, checkpoint)
+    predictions, checkpoint, trust_report = _calibrate_and_guard(config, splits, predictions,
+                                                                 checkpoint)
     test = compute_metrics(predictions, classes)
     test_index = (held_out.index[held_out.index[COL_ERROR] == ""] if held_out is not None
                   else index[index[COL_SPLIT] == "test"])
