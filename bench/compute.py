@@ -3,8 +3,10 @@
     python -m bench.compute [--model paper_cnn] [--seconds 15]
 
 "naive" is the paper's network as usually written (conv, ReLU, max-pool; NCHW fp32; the default
-Adam). "brainray" is the same function as brainray trains it: max-pool before ReLU (identical
-outputs, less memory traffic), channels-last, fused Adam, and the fastest precision measured here
+Adam) on gray images copied to RGB. "brainray" is the same function as brainray trains it: the
+gray channel convolved with the first layer's weights summed over RGB (identical outputs), max-pool
+before ReLU (identical outputs, less memory traffic), channels-last, fused Adam, and the fastest
+precision measured here
 (bf16 autocast is tried on CPU, fp16/bf16 AMP on GPU), with glibc's allocator set up as brainray
 sets it up for its Ray workers (`brainray.runtime_env`). The two are started from the same weights
 and trained on the same batches; the largest logit difference afterwards shows they compute the
@@ -26,6 +28,7 @@ from brainray.model import build_model
 from brainray.predict import autocast_for
 from brainray.runtime_env import tune_this_process
 from brainray.train import make_optimizer
+from brainray.transforms import to_model_input
 
 
 class NaivePaperCNN(nn.Module):
@@ -49,11 +52,13 @@ def _naive_model(name: str) -> nn.Module:
     return NaivePaperCNN() if name == "paper_cnn" else build_model(name, 4)
 
 
-def _batch(batch_size: int, device: torch.device, channels_last: bool):
+def _batch(batch_size: int, device: torch.device):
+    """The same gray images twice: copied to RGB in NCHW (naive), and as one channel (brainray)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, 3, 224, 224, generator=generator).to(device)
+    gray = torch.randint(0, 256, (batch_size, 224, 224), generator=generator, dtype=torch.uint8)
     y = torch.randint(0, 4, (batch_size,), generator=generator).to(device)
-    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+    rgb = gray.float().div(255.0).unsqueeze(1).repeat(1, 3, 1, 1).to(device)
+    return rgb, to_model_input(gray.to(device)), y
 
 
 def _train_step(model, optimizer, x, y, device, precision, scaler=None):
@@ -92,19 +97,18 @@ def measure(model_name: str, batch_size: int, seconds: float, device: torch.devi
     fast = fast.to(device, memory_format=torch.channels_last)
     naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-4)
     fast_opt = make_optimizer(fast, 1e-4, 0.0, device)
-    x, y = _batch(batch_size, device, channels_last=False)
-    x_cl, _ = _batch(batch_size, device, channels_last=True)
+    x, x_gray, y = _batch(batch_size, device)
 
     # Same weights, same batches, a few steps each: how far apart do the two computations end up?
     for step in range(3):
         torch.manual_seed(step)  # the same dropout masks for both
         _train_step(naive, naive_opt, x, y, device, "fp32")()
         torch.manual_seed(step)
-        _train_step(fast, fast_opt, x_cl, y, device, "fp32")()
+        _train_step(fast, fast_opt, x_gray, y, device, "fp32")()
     naive.eval()
     fast.eval()
     with torch.inference_mode():
-        max_logit_diff = (naive(x) - fast(x_cl)).abs().max().item()
+        max_logit_diff = (naive(x) - fast(x_gray)).abs().max().item()
     naive.train()
     fast.train()
 
@@ -122,10 +126,10 @@ def measure(model_name: str, batch_size: int, seconds: float, device: torch.devi
                   else None)
         fast.train()
         result[f"brainray_{precision}_train_images_per_s"] = round(rate_for(
-            seconds, _train_step(fast, fast_opt, x_cl, y, device, precision, scaler)), 1)
+            seconds, _train_step(fast, fast_opt, x_gray, y, device, precision, scaler)), 1)
         fast.eval()
         result[f"brainray_{precision}_infer_images_per_s"] = round(rate_for(
-            seconds, _infer_step(fast, x_cl, device, precision)), 1)
+            seconds, _infer_step(fast, x_gray, device, precision)), 1)
     for kind in ("train", "infer"):
         best = max(_precisions(device), key=lambda p: result[f"brainray_{p}_{kind}_images_per_s"])
         result[f"fastest_{kind}_precision"] = best

@@ -51,8 +51,8 @@ def _model(checkpoint: Path) -> torch.nn.Module:
 
 def inference_limit(checkpoint: Path, batch: int, seconds: float) -> float:
     model, device = _model(checkpoint), _device()
-    x = to_model_input(torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8,
-                                     device=device))
+    x = to_model_input(torch.randint(0, 256, (batch, 224, 224), dtype=torch.uint8,
+                                     device=device))  # gray, as brainray carries images
 
     def step() -> int:
         with torch.inference_mode(), autocast_for(device):
@@ -62,7 +62,8 @@ def inference_limit(checkpoint: Path, batch: int, seconds: float) -> float:
 
 
 def plain_loop(checkpoint: Path, files: list[Path], batch: int) -> float:
-    """The loop a user writes by hand: PIL decode/convert/resize, stack, forward."""
+    """The loop a user writes by hand: PIL decode/convert to RGB (the paper's preprocessing)/
+    resize, stack, forward."""
     model, device = _model(checkpoint), _device()
     start = time.perf_counter()
     with torch.inference_mode(), autocast_for(device):

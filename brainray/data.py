@@ -72,7 +72,7 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
     """
     n = len(batch[COL_PATH])
     size = preprocess.image_size
-    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    images = np.zeros((n, size, size), dtype=np.uint8)
     labels = np.full(n, -1, dtype=np.int64)
     fingerprints = np.zeros(n, dtype=np.uint64)
     thumbnails = np.zeros((n, baseline.THUMBNAIL_SIZE, baseline.THUMBNAIL_SIZE), dtype=np.uint8)

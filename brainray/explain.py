@@ -28,7 +28,7 @@ from brainray.config import ExplainConfig, StorageOptions
 from brainray.model import model_from_checkpoint, preprocess_config, temperature_of, unwrap
 from brainray.predict import load_checkpoint
 from brainray.sources import SourceLimits, expand, is_supported
-from brainray.transforms import preprocess_image, to_model_input
+from brainray.transforms import to_model_input
 
 FILE_LIST_SUFFIXES = (".txt", ".lst")
 
@@ -94,7 +94,7 @@ class GradCam:
         return cam.cpu().numpy(), probs.cpu().numpy(), targets.cpu().numpy()
 
     def explain_images(self, images: np.ndarray, target=None):
-        """The same for a uint8 (N, H, W, 3) batch, as the pipeline carries images."""
+        """The same for a uint8 (N, H, W) gray batch, as the pipeline carries images."""
         return self(to_model_input(torch.from_numpy(np.array(images, dtype=np.uint8))), target)
 
 
@@ -104,7 +104,8 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, title: str = "",
     fig = metric_fns._new_figure((7.0, 3.8))
     left, right = fig.subplots(1, 2)
     for ax in (left, right):
-        ax.imshow(image, interpolation="bilinear")
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255,
+                  interpolation="bilinear")
         ax.set_axis_off()
     heat = right.imshow(cam, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
     fig.colorbar(heat, ax=right, fraction=0.046, pad=0.02, label="Grad-CAM")
@@ -220,12 +221,13 @@ def run_explain(config: ExplainConfig) -> dict:
             row = {"uri": uri, "member": item.member, "frame": item.frame, "error": item.error}
             if item.ok:
                 try:
-                    pixels = preprocess_image(item.image, preprocess)
+                    pixels, colour = ood.preprocess_with_colour(item.image, preprocess)
                 except (OSError, ValueError) as exc:
                     rows.append({**row, "error": f"cannot preprocess image: {exc}"})
                     continue
                 heat, probs, targets = cam.explain_images(pixels[None], target)
-                flagged, reasons = ood.check(pixels[None], checkpoint.get("ood_reference"))
+                flagged, reasons = ood.check(pixels[None], checkpoint.get("ood_reference"),
+                                             np.array([colour]))
                 name = overlay_name(uri, item.member, item.frame, item.content_sha256,
                                     classes[int(targets[0])])
                 storage.write_bytes(storage.join(config.output, name), render_overlay(

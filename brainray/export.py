@@ -3,11 +3,14 @@
 The exported network includes the checkpoint's temperature and the softmax, so it outputs
 **calibrated probabilities**, exactly what `brainray score` reports:
 
-    input  "image":         float32 (N, 3, S, S), RGB in [0, 1]  (S = image_size in export.json)
+    input  "image":         float32 (N, 3, S, S) in [0, 1], gray copied to 3 channels
+                            (S = image_size in export.json)
     output "probabilities": float32 (N, classes) = softmax(logits / T), in export.json's order
 
-Preprocessing stays outside: decode, convert to RGB (gray copied to 3 channels), resize to S x S
-(bilinear, aspect ratio not kept), divide by 255, channels first.
+Preprocessing stays outside: decode, resize to S x S (bilinear, aspect ratio not kept), convert to
+8-bit gray (PIL's `convert("L")`, ITU-R 601 luma, for colour inputs), divide by 255, copy to 3
+channels. That is the paper's grayscale-to-RGB input; brainray itself feeds the one gray channel
+(`brainray.model.GrayInputConv2d`), which gives the same probabilities.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def export_metadata(checkpoint: dict, files: list[str]) -> dict:
         "temperature": temperature_of(checkpoint),
         "review_threshold": checkpoint.get("review_threshold"),
         "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, "S", "S"],
-                  "range": [0.0, 1.0], "channels": "RGB (gray copied to 3 channels)",
+                  "range": [0.0, 1.0], "channels": "gray (8-bit luma) copied to 3 channels",
                   "resize": "bilinear to S x S, aspect ratio not kept"},
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", "classes"],
                    "meaning": "calibrated class probabilities softmax(logits / temperature)"},

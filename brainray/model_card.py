@@ -52,8 +52,9 @@ def _data_section(metrics: Mapping) -> list[str]:
                  + (f"; held-out test data: `{config['test_data']}`"
                     if config.get("test_data") else "; the test split is carved out of it"))
     preprocess = config.get("preprocess", {})
-    lines.append(f"- Preprocessing: RGB, resized to {preprocess.get('image_size', 'n/a')} px "
-                 "square, scaled to [0, 1]; augmentation " f"`{config.get('augment', 'n/a')}`.")
+    lines.append(f"- Preprocessing: resized to {preprocess.get('image_size', 'n/a')} px square, "
+                 "8-bit gray (the network sees it as the paper's three equal channels), scaled "
+                 f"to [0, 1]; augmentation `{config.get('augment', 'n/a')}`.")
     if split:
         lines.append(
             f"- {split.get('n_images', 'n/a')} usable images in {split.get('n_groups', 'n/a')} "

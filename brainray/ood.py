@@ -1,8 +1,9 @@
 """Out-of-distribution guard: inputs that are clearly not brain MRI are flagged, not given a class.
 
 A classifier always answers with one of its classes, even for a holiday photo. Scoring therefore
-checks each preprocessed image (uint8, the model's input) with three simple, explainable rules and
-sets `out_of_distribution` (and `needs_review`) when any fires:
+checks each preprocessed image (the model's gray input, and the colour it had before the
+conversion to gray) with three simple, explainable rules and sets `out_of_distribution` (and
+`needs_review`) when any fires:
 
 1. **colour** - MRI is gray. More than 5% of pixels have a channel spread (max - min of R, G, B)
    above 15% of full scale. (The 120 sample MRIs: at most 1.8% of pixels above that level.)
@@ -21,6 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
+
+from brainray import transforms
+from brainray.config import PreprocessConfig
 
 SATURATION_LEVEL = 0.15  # channel spread that counts a pixel as coloured
 MAX_COLOUR_FRACTION = 0.05
@@ -33,25 +38,46 @@ REASON_CONSTANT = "near-constant image"
 REASON_INTENSITY = "mean intensity outside the training range"
 
 
-def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
-    """Per image of a uint8 (N, H, W, 3) batch: colour fraction, gray std and mean in [0, 1]."""
+def colour_fractions(images: np.ndarray) -> np.ndarray:
+    """Per image of a uint8 (N, H, W, 3) batch: the share of pixels whose channel spread is over
+    SATURATION_LEVEL, on every other pixel each way (plenty for a whole-image statistic)."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images[:, ::2, ::2], dtype=np.uint8))
+    pixels = pixels.reshape(len(images), -1, 3)
+    spread = pixels.amax(dim=2) - pixels.amin(dim=2)  # uint8: max >= min, no wrap-around
+    return (spread > SATURATION_LEVEL * 255).double().mean(dim=1).numpy()
+
+
+def preprocess_with_colour(image: Image.Image, config: PreprocessConfig
+                           ) -> tuple[np.ndarray, float]:
+    """The model's gray input of a decoded image, and the colour fraction of the image it came
+    from (the pipeline carries gray, so colour has to be measured on the way)."""
+    resized = transforms.resize_image(image, config)
+    colour = 0.0 if resized.mode == "L" else float(colour_fractions(np.asarray(resized)[None])[0])
+    return transforms.gray_array(resized), colour
+
+
+def image_features(images: np.ndarray, colour_fraction: np.ndarray | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Per image of a uint8 gray (N, H, W) or RGB (N, H, W, 3) batch: colour fraction, intensity
+    std and mean in [0, 1]. A gray batch has colour 0 unless `colour_fraction` is given."""
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected (N, H, W, 3) images, got shape {images.shape}")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+        raise ValueError(f"expected (N, H, W) or (N, H, W, 3) images, got shape {images.shape}")
     n = images.shape[0]
     if n == 0:
         empty = np.zeros(0, dtype=np.float64)
         return {"colour_fraction": empty, "std": empty, "mean": empty}
-    # Every other pixel each way (a 112x112 grid at 224 px) is plenty for three whole-image
+    # Every other pixel each way (a 112x112 grid at 224 px) is plenty for whole-image
     # statistics, and torch is vectorised and multi-threaded where numpy is not: scoring checks
     # every image, and the full-resolution numpy version cost 3.6 ms an image, as much as
     # inference itself.
     pixels = torch.from_numpy(np.ascontiguousarray(images[:, ::2, ::2], dtype=np.uint8))
-    pixels = pixels.reshape(n, -1, 3)
-    spread = pixels.amax(dim=2) - pixels.amin(dim=2)  # uint8: max >= min, no wrap-around
-    gray = pixels.float().mean(dim=2).div_(255.0)
-    std, mean = torch.std_mean(gray, dim=1, correction=0)
-    return {"colour_fraction": (spread > SATURATION_LEVEL * 255).double().mean(dim=1).numpy(),
+    gray = pixels.reshape(n, -1, 3).float().mean(dim=2) if images.ndim == 4 else \
+        pixels.reshape(n, -1).float()
+    std, mean = torch.std_mean(gray.div_(255.0), dim=1, correction=0)
+    if colour_fraction is None:
+        colour_fraction = colour_fractions(images) if images.ndim == 4 else np.zeros(n)
+    return {"colour_fraction": np.asarray(colour_fraction, dtype=np.float64),
             "std": std.double().numpy(), "mean": mean.double().numpy()}
 
 
@@ -73,9 +99,10 @@ def mean_range(reference: dict | None) -> tuple[float, float]:
     return DEFAULT_MEAN_RANGE
 
 
-def check(images: np.ndarray, reference: dict | None = None) -> tuple[np.ndarray, list[str]]:
+def check(images: np.ndarray, reference: dict | None = None,
+          colour_fraction: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
     """Flags (bool per image) and a reason per image ("" when in distribution)."""
-    return decide(image_features(images), reference)
+    return decide(image_features(images, colour_fraction), reference)
 
 
 def decide(features: dict[str, np.ndarray], reference: dict | None = None

@@ -30,7 +30,6 @@ from brainray.config import PreprocessConfig, ScoreConfig, StorageOptions
 from brainray.model import preprocess_config, review_threshold_of
 from brainray.predict import Predictor, load_checkpoint, resolve_checkpoint_uri
 from brainray.sources import SourceLimits, expand, is_supported
-from brainray.transforms import preprocess_image
 
 STATUS_OK, STATUS_ERROR = "ok", "error"
 IMAGES_PER_BLOCK = 64  # bounds memory when one archive expands into thousands of images
@@ -140,18 +139,18 @@ def list_inputs(inputs: tuple[str, ...], options: StorageOptions) -> list[dict]:
 
 def _empty_rows() -> dict[str, list]:
     return {k: [] for k in ("uri", "member", "frame", "content_sha256", "status", "error",
-                            "source_size", "source_mtime_ns", "image")}
+                            "source_size", "source_mtime_ns", "image", "colour")}
 
 
 OOD_COLUMNS = {"colour_fraction": "ood_colour_fraction", "std": "ood_std", "mean": "ood_mean"}
 
 
 def _to_block(rows: dict[str, list], image_size: int) -> dict[str, np.ndarray]:
-    block = {k: np.array(v, dtype=object) for k, v in rows.items() if k != "image"}
+    block = {k: np.array(v, dtype=object) for k, v in rows.items() if k not in ("image", "colour")}
     block["image"] = (np.stack(rows["image"]) if rows["image"]
-                      else np.zeros((0, image_size, image_size, 3), np.uint8))
+                      else np.zeros((0, image_size, image_size), np.uint8))
     # the OOD guard's statistics, computed here in CPU tasks that scale with the cluster's CPUs
-    features = ood.image_features(block["image"])
+    features = ood.image_features(block["image"], np.array(rows["colour"], dtype=np.float64))
     for name, column in OOD_COLUMNS.items():
         block[column] = features[name]
     return block
@@ -161,7 +160,7 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
                         preprocess: PreprocessConfig, limits: SourceLimits,
                         max_file_bytes: int):
     """Input files -> blocks of preprocessed images, one row per image; failures become rows."""
-    blank = np.zeros((preprocess.image_size, preprocess.image_size, 3), np.uint8)
+    blank = np.zeros((preprocess.image_size, preprocess.image_size), np.uint8)
     rows = _empty_rows()
     for uri, size, mtime in zip(batch["uri"], batch["size"], batch["mtime_ns"], strict=True):
         if size > max_file_bytes:
@@ -183,17 +182,18 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
         else:
             items = [(i.member, i.frame, i.image, i.content_sha256, i.error) for i in items]
         for member, frame, image, digest, item_error in items:
-            pixels = blank
+            pixels, colour = blank, 0.0
             if not item_error:
                 try:
-                    pixels = preprocess_image(image, preprocess)
+                    pixels, colour = ood.preprocess_with_colour(image, preprocess)
                 except (OSError, ValueError) as exc:
                     item_error = f"cannot preprocess image: {exc}"
             for key, value in (("uri", display_uri(uri)), ("member", member), ("frame", frame),
                                ("content_sha256", digest),
                                ("status", STATUS_ERROR if item_error else STATUS_OK),
                                ("error", item_error or None), ("source_size", int(size)),
-                               ("source_mtime_ns", int(mtime)), ("image", pixels)):
+                               ("source_mtime_ns", int(mtime)), ("image", pixels),
+                               ("colour", colour)):
                 rows[key].append(value)
             if len(rows["uri"]) >= IMAGES_PER_BLOCK:
                 yield _to_block(rows, preprocess.image_size)

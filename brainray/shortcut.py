@@ -7,11 +7,12 @@ for the wrong reason. The check evaluates the model twice more on the same label
 * **brain only** - everything outside the brain mask set to black;
 * **background only** - the brain mask set to black (only the surroundings remain).
 
-Brain mask (`brain_mask`), per image, on the preprocessed uint8 image: gray = mean of the three
-channels; Gaussian smoothing (sigma 1 px); threshold at 10% of the 99th-percentile intensity (at
-least 5 of 255), which separates the near-black air background of MRI from the head; a binary
-opening (radius ~ image size / 112 px) removes noise specks and thin bridges; the largest connected
-component is kept; holes are filled (dark ventricles, necrotic tumour cores and CSF stay inside).
+Brain mask (`brain_mask`), per image, on the preprocessed uint8 gray image (or the mean of an RGB
+image's channels); Gaussian smoothing (sigma 1 px); threshold at 10% of the 99th-percentile
+intensity (at least 5 of 255), which separates the near-black air background of MRI from the head;
+a binary opening (radius ~ image size / 112 px) removes noise specks and thin bridges; the largest
+connected component is kept; holes are filled (dark ventricles, necrotic tumour cores and CSF stay
+inside).
 It is a head mask: the skull and scalp, when visible, are part of it.
 
 The model is flagged (`shortcut_suspected`) when its balanced accuracy (mean per-class recall,

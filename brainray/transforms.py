@@ -1,7 +1,10 @@
 """Pure preprocessing shared by training, evaluation and scoring, plus training-only augmentation.
 
-Images travel through the pipeline as uint8 HxWx3 arrays (4x smaller than float); `to_model_input`
-scales them to [0, 1] on the device, and `augment_batch` applies seeded random augmentation there.
+Images travel through the pipeline as uint8 gray HxW arrays: MRI is one intensity per pixel, so
+the paper's grayscale-to-RGB copy is left to the model's first convolution (`GrayInputConv2d`),
+which computes exactly what three copies would give. That makes every cached image, batch and
+augmentation a third of the RGB size. `to_model_input` scales them to [0, 1] on the device, and
+`augment_batch` applies seeded random augmentation there.
 """
 
 from __future__ import annotations
@@ -55,9 +58,17 @@ def _high_depth_to_uint8(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode (L, I;16, F, P, RGBA, CMYK, LA, 1) to 8-bit RGB; gray is copied to 3 channels."""
+    image = to_8bit(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Any mode to 8-bit "L" (gray stays one channel) or "RGB", upright per its EXIF."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        image = _high_depth_to_uint8(image)
+        return _high_depth_to_uint8(image)
+    if image.mode == "L":
+        return image
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         # Composite onto black: MRI background is black, so transparent pixels stay background.
         rgba = image.convert("RGBA")
@@ -66,13 +77,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """Decoded image -> uint8 array (size, size, 3): RGB, resized without keeping aspect ratio."""
-    rgb = to_rgb(image)
+def resize_image(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """Decoded image -> 8-bit "L" or "RGB" image of size x size (aspect ratio not kept).
+
+    Colour is kept here so that scoring's out-of-distribution check can still see it; gray images
+    are resized as one channel, a third of the work of resizing their RGB copy.
+    """
+    image = to_8bit(image)
     size = (config.image_size, config.image_size)
-    if rgb.size != size:
-        rgb = rgb.resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
+
+
+def gray_array(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W) of an "L" or "RGB" image. For RGB, ITU-R 601 luma, which is exact (R) when the
+    three channels are equal, as they are in gray scans saved as RGB."""
+    return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
+
+
+def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """Decoded image -> the model's input as the pipeline carries it: uint8 gray (size, size)."""
+    return gray_array(resize_image(image, config))
 
 
 def preprocess_bytes(data: bytes, config: PreprocessConfig) -> np.ndarray:
@@ -80,13 +104,16 @@ def preprocess_bytes(data: bytes, config: PreprocessConfig) -> np.ndarray:
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1], channels-last in memory.
+    """uint8 gray (N, H, W) -> float32 (N, 1, H, W) in [0, 1]; RGB (N, H, W, 3) -> (N, 3, H, W).
 
-    The permute is a free view of NHWC data, which is exactly the channels-last layout the
-    convolutions run fastest in, so no copy is made before the division.
+    Both come out channels-last in memory (the layout the convolutions run fastest in): the
+    permute is a free view of NHWC data, so no copy is made before the division.
     """
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    if images.dtype == torch.uint8 and images.ndim == 3:
+        images = images.unsqueeze(-1)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"expected uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} "
+                         f"{tuple(images.shape)}")
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -116,7 +143,7 @@ def sample_affine(n: int, config: AugmentConfig, generator: torch.Generator) -> 
 
 def augment_batch(images: torch.Tensor, config: AugmentConfig,
                   generator: torch.Generator) -> torch.Tensor:
-    """Random geometric + intensity augmentation of a float (N, 3, H, W) batch in [0, 1].
+    """Random geometric + intensity augmentation of a float (N, C, H, W) batch in [0, 1].
 
     Parameters come only from `generator` (kept on the CPU), so a seed reproduces the batch on any
     device; the pixel work runs wherever `images` lives.

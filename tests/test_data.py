@@ -45,7 +45,7 @@ def test_decode_labels_from_class_folders_and_turns_bad_rows_into_errors():
 
     # Then good rows get labels, images and hashes; bad rows get a reason and label -1
     assert out[COL_LABEL].tolist() == [0, 3, -1, -1, -1]
-    assert out["image"].shape == (5, 16, 16, 3) and out["image"].dtype == np.uint8
+    assert out["image"].shape == (5, 16, 16) and out["image"].dtype == np.uint8
     assert out[COL_PATH][0] == "s3://root/glioma/a.png"
     assert out[COL_ERROR][0] == "" and "empty" in out[COL_ERROR][2]
     assert "not one of the classes" in out[COL_ERROR][3]

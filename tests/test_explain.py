@@ -15,7 +15,7 @@ from brainray import cli
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig
 from brainray.explain import GradCam, last_conv, overlay_name, render_overlay
 from brainray.model import build_model, make_checkpoint, serialize, with_fields
-from brainray.transforms import preprocess_image
+from brainray.transforms import preprocess_image, to_model_input
 from tests.conftest import encode, synthetic_scan, write_tree
 
 SIZE = 32
@@ -38,7 +38,7 @@ def trained() -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model("paper_cnn", 4, SIZE)
     images, labels = _scans(6)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = to_model_input(torch.from_numpy(images))
     y = torch.from_numpy(labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()

@@ -39,13 +39,18 @@ def _images() -> np.ndarray:
                      for i in range(6)])
 
 
+def _exported_input(images: np.ndarray) -> torch.Tensor:
+    """What export.json tells a user to feed: the gray image in [0, 1] copied to 3 channels."""
+    return to_model_input(torch.from_numpy(images)).repeat(1, 3, 1, 1).contiguous()
+
+
 def test_torchscript_matches_the_predictor_to_1e_4(checkpoint, tmp_path):
     payload, path = checkpoint
     scripted = torch.jit.load(io.BytesIO(export.to_torchscript(payload)))
     images = _images()
     expected = Predictor(str(path), StorageOptions()).predict(images)
     with torch.no_grad():
-        got = scripted(to_model_input(torch.from_numpy(images)).contiguous()).numpy()
+        got = scripted(_exported_input(images)).numpy()
     assert np.abs(got - expected).max() < 1e-4
     assert np.allclose(got.sum(1), 1.0, atol=1e-5)  # calibrated probabilities, not logits
     with torch.no_grad():  # any batch size
@@ -77,5 +82,5 @@ def test_onnx_is_valid_and_matches_the_predictor(checkpoint, tmp_path):
     session = onnxruntime.InferenceSession(data)
     images = _images()
     expected = Predictor(str(path), StorageOptions()).predict(images)
-    (got,) = session.run(None, {"image": to_model_input(torch.from_numpy(images)).numpy()})
+    (got,) = session.run(None, {"image": _exported_input(images).numpy()})
     assert np.abs(got - expected).max() < 1e-4

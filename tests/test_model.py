@@ -257,3 +257,33 @@ def test_paper_cnn_pool_before_relu_computes_the_papers_conv_relu_pool():
     grads = [torch.autograd.grad(f(x).square().sum(), model.features[0].weight)[0]
              for f in (model.features, paper_order)]
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_gray_channel_computes_what_three_copies_of_it_compute(name):
+    """The pipeline feeds one gray channel; outputs and every gradient must be those of the
+    paper's gray-copied-to-RGB input, and the weights keep their RGB layout."""
+    torch.manual_seed(0)
+    model = build_model(name, 4, image_size=SMALL).train()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.weight.shape[1] == 3
+    gray = torch.rand(3, 1, SMALL, SMALL)
+    outputs, grads = [], []
+    for x in (gray, gray.repeat(1, 3, 1, 1)):
+        torch.manual_seed(1)  # the same dropout mask for both
+        logits = model(x)
+        outputs.append(logits)
+        grads.append(torch.autograd.grad(logits.square().sum(), list(model.parameters())))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_gray_input_keeps_a_channels_last_model_channels_last():
+    # Given a channels-last model and a gray batch laid out NCHW (what grid_sample returns)
+    model = build_model("paper_cnn", 4, image_size=SMALL).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 1, SMALL, SMALL)
+    assert x.stride(1) != 1
+    # When the first convolution runs / Then its output is channels-last, so every later layer
+    # runs the channels-last kernels
+    assert model.features[0](x).is_contiguous(memory_format=torch.channels_last)

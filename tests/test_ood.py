@@ -11,7 +11,13 @@ from PIL import Image, ImageDraw
 from brainray import ood
 from brainray.config import PreprocessConfig
 from brainray.data import sample_data_dir
-from brainray.transforms import preprocess_bytes, preprocess_image
+from brainray.transforms import (
+    decode_image,
+    preprocess_bytes,
+    preprocess_image,
+    resize_image,
+    to_rgb,
+)
 from tests.conftest import synthetic_scan
 
 SIZE = 64
@@ -37,8 +43,15 @@ def text_on_white(size: int = 96) -> Image.Image:
     return image
 
 
-def _batch(images: list[Image.Image]) -> np.ndarray:
-    return np.stack([preprocess_image(image, CONFIG) for image in images])
+def _batch(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """Gray model inputs and their colour fractions, as scoring computes them."""
+    pairs = [ood.preprocess_with_colour(image, CONFIG) for image in images]
+    return np.stack([g for g, _ in pairs]), np.array([c for _, c in pairs])
+
+
+def _check(images: list[Image.Image], reference: dict | None = None):
+    gray, colour = _batch(images)
+    return ood.check(gray, reference, colour)
 
 
 @pytest.mark.parametrize("image, reason", [
@@ -49,7 +62,7 @@ def _batch(images: list[Image.Image]) -> np.ndarray:
     (text_on_white(), ood.REASON_INTENSITY),
 ])
 def test_non_mri_inputs_are_flagged_with_a_reason(image, reason):
-    flags, reasons = ood.check(_batch([image]))
+    flags, reasons = _check([image])
     assert flags.tolist() == [True]
     assert reason in reasons[0]
 
@@ -57,7 +70,7 @@ def test_non_mri_inputs_are_flagged_with_a_reason(image, reason):
 def test_synthetic_gray_scans_in_any_mode_pass():
     scans = [synthetic_scan(label, i, 48, mode) for label in range(4) for i in range(3)
              for mode in ("L", "RGB")]
-    flags, reasons = ood.check(_batch(scans))
+    flags, reasons = _check(scans)
     assert not flags.any(), reasons
 
 
@@ -72,34 +85,59 @@ def test_every_sample_mri_passes_with_default_and_learned_ranges():
     assert low <= reference["train_mean_range"][0] and high >= reference["train_mean_range"][1]
     assert not ood.check(images, reference)[0].any()
     # and the learned range still rejects a document
-    assert ood.check(_batch([text_on_white()]), reference)[0].all()
+    assert _check([text_on_white()], reference)[0].all()
 
 
 def test_features_of_an_empty_batch_and_bad_shapes():
+    assert ood.check(np.zeros((0, 8, 8), np.uint8))[0].shape == (0,)
     assert ood.check(np.zeros((0, 8, 8, 3), np.uint8))[0].shape == (0,)
     with pytest.raises(ValueError):
         ood.image_features(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError):
+        ood.image_features(np.zeros((2, 8, 8, 4), np.uint8))
+
+
+def test_gray_input_carries_no_colour_and_equals_the_models_input():
+    scan = synthetic_scan(1, 0, 48, "L")
+    gray, colour = ood.preprocess_with_colour(scan, CONFIG)
+    assert colour == 0.0
+    np.testing.assert_array_equal(gray, preprocess_image(scan, CONFIG))
+
+
+def test_colour_is_measured_before_the_conversion_to_gray():
+    # Given a colour photo: its gray model input alone has no colour left to see
+    photo = colour_photo()
+    gray, colour = ood.preprocess_with_colour(photo, CONFIG)
+    assert not ood.check(gray[None])[1][0].startswith(ood.REASON_COLOUR)
+    # Then the colour measured on the way is what flags it, and an RGB batch gives the same
+    assert colour > ood.MAX_COLOUR_FRACTION
+    rgb = np.asarray(resize_image(photo, CONFIG))[None]
+    assert ood.image_features(rgb)["colour_fraction"][0] == pytest.approx(colour)
+    assert ood.REASON_COLOUR in ood.check(rgb)[1][0]
 
 
 def test_features_match_a_full_resolution_numpy_reference_on_real_mri():
     """Features come from every other pixel, in torch; on real scans they must agree with the
     full-image definition far inside the rules' margins (0.02 std floor vs >= 0.10 for MRI)."""
     paths = sorted(Path(sample_data_dir()).glob("*/*"))[:24]
-    images = np.stack([preprocess_bytes(p.read_bytes(), PreprocessConfig()) for p in paths])
-    gray = images.reshape(len(images), -1, 3).mean(axis=2, dtype=np.float64) / 255.0
-    spread = images.max(axis=3).astype(np.int16) - images.min(axis=3)
+    config = PreprocessConfig()
+    decoded = [decode_image(p.read_bytes(), config.max_image_pixels) for p in paths]
+    images = np.stack([preprocess_image(image, config) for image in decoded])
+    rgb = np.stack([np.asarray(to_rgb(resize_image(image, config))) for image in decoded])
+    gray = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    spread = rgb.max(axis=3).astype(np.int16) - rgb.min(axis=3)
     features = ood.image_features(images)
     np.testing.assert_allclose(features["mean"], gray.mean(axis=1), atol=0.01)
     np.testing.assert_allclose(features["std"], gray.std(axis=1), atol=0.01)
-    np.testing.assert_allclose(features["colour_fraction"],
+    np.testing.assert_allclose(ood.colour_fractions(rgb),
                                (spread > ood.SATURATION_LEVEL * 255).reshape(len(images), -1)
                                .mean(axis=1), atol=0.01)
 
 
 def test_decide_on_precomputed_features_equals_check():
-    images = _batch([colour_photo(), text_on_white(), Image.new("L", (80, 80), 0)])
+    images, colour = _batch([colour_photo(), text_on_white(), Image.new("L", (80, 80), 0)])
     reference = {"mean_range": [0.0, 0.5]}
-    flags, reasons = ood.check(images, reference)
-    decided_flags, decided_reasons = ood.decide(ood.image_features(images), reference)
+    flags, reasons = ood.check(images, reference, colour)
+    decided_flags, decided_reasons = ood.decide(ood.image_features(images, colour), reference)
     assert flags.tolist() == decided_flags.tolist() == [True, True, True]
     assert reasons == decided_reasons

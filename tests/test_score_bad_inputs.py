@@ -236,7 +236,7 @@ def test_corpus_item_is_read_without_exception_in_bounded_memory(item, tmp_path)
     rows = pd.DataFrame({k: [x for block in blocks for x in block[k]] for k in columns})
     _check_rows(rows, item)
     images = np.concatenate([block["image"] for block in blocks])
-    assert images.shape == (len(rows), IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+    assert images.shape == (len(rows), IMAGE_SIZE, IMAGE_SIZE) and images.dtype == np.uint8
 
 
 def test_listing_an_input_tree_with_symlink_loops_terminates(tmp_path):

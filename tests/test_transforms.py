@@ -21,6 +21,7 @@ from brainray.transforms import (
     decode_image,
     preprocess_bytes,
     preprocess_image,
+    resize_image,
     sample_affine,
     to_model_input,
     to_rgb,
@@ -130,15 +131,47 @@ def test_decode_accepts_image_exactly_at_max_pixels():
 # --- preprocess_image -----------------------------------------------------------------------------
 
 
+def _luma(rgb: tuple[int, int, int]) -> int:
+    return Image.new("RGB", (1, 1), rgb).convert("L").getpixel((0, 0))
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1", "F"])
-def test_preprocess_any_mode_gives_uint8_square_rgb(mode):
+def test_preprocess_any_mode_gives_uint8_square_gray(mode):
     # Given a 40x30 image in `mode`
     image = _noise_image(mode="RGB").convert(mode)
     # When preprocessed to 32x32
     out = preprocess_image(image, PreprocessConfig(image_size=32))
-    # Then the result is a uint8 (32, 32, 3) array
-    assert out.shape == (32, 32, 3)
+    # Then the result is a uint8 gray (32, 32) array
+    assert out.shape == (32, 32)
     assert out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1", "F"])
+def test_resize_image_gives_8bit_gray_or_rgb_of_the_model_size(mode):
+    image = _noise_image(mode="RGB").convert(mode)
+    resized = resize_image(image, PreprocessConfig(image_size=32))
+    assert resized.size == (32, 32)
+    assert resized.mode in ("L", "RGB")
+
+
+def test_preprocess_gray_equals_one_channel_of_the_papers_rgb_copy():
+    # Given a gray image, and the paper's preprocessing of it: copy to RGB, then resize
+    image = _noise_image(size=(40, 30), mode="L")
+    papers = np.asarray(image.convert("RGB").resize((24, 24), Image.Resampling.BILINEAR))
+    # When brainray preprocesses it as one channel
+    out = preprocess_image(image, PreprocessConfig(image_size=24))
+    # Then it is exactly each of the three identical channels the paper feeds the model
+    for channel in range(3):
+        np.testing.assert_array_equal(out, papers[..., channel])
+    assert out.std() > 0  # not a blank image
+
+
+def test_preprocess_gray_saved_as_rgb_gives_the_same_gray():
+    # Gray scans are often stored as RGB with three equal channels: luma is then exact
+    gray = _noise_image(size=(24, 24), mode="L")
+    config = PreprocessConfig(image_size=24)
+    np.testing.assert_array_equal(preprocess_image(gray.convert("RGB"), config),
+                                  preprocess_image(gray, config))
 
 
 def test_preprocess_rgba_transparent_pixels_become_black():
@@ -147,11 +180,15 @@ def test_preprocess_rgba_transparent_pixels_become_black():
     pixels[:, :4] = (255, 255, 255, 0)
     pixels[:, 4:] = (200, 100, 50, 255)
     image = Image.fromarray(pixels, mode="RGBA")
-    # When preprocessed at its own size (no resampling)
-    out = preprocess_image(image, PreprocessConfig(image_size=8))
-    # Then transparent pixels are black background and opaque ones keep their colour
-    assert (out[:, :4] == 0).all()
-    assert (out[:, 4:] == (200, 100, 50)).all()
+    config = PreprocessConfig(image_size=8)
+    # When resized and preprocessed at its own size (no resampling)
+    resized = np.asarray(resize_image(image, config))
+    out = preprocess_image(image, config)
+    # Then transparent pixels are black background and opaque ones keep their colour (for the
+    # OOD check) and become its luma in the model's input
+    assert (resized[:, :4] == 0).all() and (out[:, :4] == 0).all()
+    assert (resized[:, 4:] == (200, 100, 50)).all()
+    assert (out[:, 4:] == _luma((200, 100, 50))).all()
 
 
 def test_preprocess_palette_with_transparency_becomes_black():
@@ -162,25 +199,27 @@ def test_preprocess_palette_with_transparency_becomes_black():
     image.info["transparency"] = 0
     # When preprocessed
     out = preprocess_image(image, PreprocessConfig(image_size=4))
-    # Then the transparent index is black and the opaque index keeps its palette colour
-    assert (out[0, 0] == 0).all()
-    assert tuple(out[3, 3]) == (10, 20, 30)
+    # Then the transparent index is black and the opaque index keeps its palette colour's luma
+    assert out[0, 0] == 0
+    assert out[3, 3] == _luma((10, 20, 30))
 
 
 def test_preprocess_palette_without_transparency_matches_rgb_conversion():
     rgb = _noise_image(size=(16, 16))
     palette = rgb.convert("P")
     out = preprocess_image(palette, PreprocessConfig(image_size=16))
-    np.testing.assert_array_equal(out, np.asarray(palette.convert("RGB")))
+    np.testing.assert_array_equal(out, np.asarray(palette.convert("RGB").convert("L")))
 
 
 def test_preprocess_cmyk_converts_colours():
     # Given CMYK images of pure white (no ink) and pure red (magenta + yellow)
     white = Image.new("CMYK", (4, 4), (0, 0, 0, 0))
     red = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
-    # When preprocessed / Then they are RGB white and red
-    assert (preprocess_image(white, PreprocessConfig(image_size=4)) == 255).all()
-    assert (preprocess_image(red, PreprocessConfig(image_size=4)) == (255, 0, 0)).all()
+    config = PreprocessConfig(image_size=4)
+    # When preprocessed / Then they are RGB white and red, and their gray values
+    assert (preprocess_image(white, config) == 255).all()
+    assert (np.asarray(resize_image(red, config)) == (255, 0, 0)).all()
+    assert (preprocess_image(red, config) == _luma((255, 0, 0))).all()
 
 
 def test_preprocess_16bit_stretches_own_range_to_8_bits():
@@ -189,13 +228,11 @@ def test_preprocess_16bit_stretches_own_range_to_8_bits():
     image = Image.fromarray(values)
     assert image.mode == "I;16"
     # When preprocessed at its own size
-    out = preprocess_image(image, PreprocessConfig(image_size=8))
-    # Then the minimum maps to 0, the maximum to 255, monotonically, on all three channels
-    gray = out[..., 0].astype(int)
+    gray = preprocess_image(image, PreprocessConfig(image_size=8)).astype(int)
+    # Then the minimum maps to 0, the maximum to 255, monotonically
     assert gray.min() == 0 and gray.max() == 255
     assert gray[0, 0] == 0 and gray[-1, -1] == 255
     assert (np.diff(gray.reshape(-1)) >= 0).all()
-    assert (out[..., 1] == out[..., 0]).all() and (out[..., 2] == out[..., 0]).all()
 
 
 def test_preprocess_constant_16bit_image_is_black_not_nan():
@@ -205,11 +242,11 @@ def test_preprocess_constant_16bit_image_is_black_not_nan():
 
 
 def test_preprocess_one_pixel_image_fills_the_output():
-    # Given a 1x1 image / When resized to 16x16 / Then every pixel has its colour
+    # Given a 1x1 image / When resized to 16x16 / Then every pixel has its gray value
     image = Image.new("RGB", (1, 1), (12, 34, 56))
     out = preprocess_image(image, PreprocessConfig(image_size=16))
-    assert out.shape == (16, 16, 3)
-    assert (out == (12, 34, 56)).all()
+    assert out.shape == (16, 16)
+    assert (out == _luma((12, 34, 56))).all()
 
 
 def test_preprocess_non_square_stretches_without_transposing():
@@ -219,15 +256,9 @@ def test_preprocess_non_square_stretches_without_transposing():
     # When preprocessed to 30x30 (aspect ratio is not kept)
     out = preprocess_image(Image.fromarray(pixels), PreprocessConfig(image_size=30))
     # Then the bright band is the left third of the columns, across all rows
-    assert out.shape == (30, 30, 3)
+    assert out.shape == (30, 30)
     assert (out[:, :8] == 255).all()
     assert (out[:, 12:] == 0).all()
-
-
-def test_preprocess_grayscale_gives_three_identical_channels():
-    out = preprocess_image(_noise_image(mode="L"), PreprocessConfig(image_size=24))
-    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
-    assert out.std() > 0  # not a blank image
 
 
 def test_preprocess_bytes_matches_decode_then_preprocess():
@@ -266,6 +297,15 @@ def test_to_model_input_scales_and_permutes_to_channels_last_float():
     torch.testing.assert_close(x, images.permute(0, 3, 1, 2).float() / 255)
 
 
+def test_to_model_input_gives_gray_one_channel_with_channels_last_strides():
+    images = torch.randint(0, 256, (2, 5, 7), dtype=torch.uint8)
+    x = to_model_input(images)
+    assert x.dtype == torch.float32 and x.shape == (2, 1, 5, 7)
+    # the channel stride is 1 as in channels-last, which the first convolution keeps
+    assert x.stride(1) == 1
+    torch.testing.assert_close(x, images.unsqueeze(1).float() / 255)
+
+
 def test_to_model_input_does_not_modify_its_input():
     images = torch.full((1, 2, 2, 3), 200, dtype=torch.uint8)
     to_model_input(images)
@@ -275,12 +315,12 @@ def test_to_model_input_does_not_modify_its_input():
 @pytest.mark.parametrize("bad", [
     torch.zeros((2, 5, 5, 3), dtype=torch.float32),
     torch.zeros((2, 5, 5, 3), dtype=torch.int64),
-    torch.zeros((5, 5, 3), dtype=torch.uint8),
+    torch.zeros((5, 5), dtype=torch.uint8),
     torch.zeros((2, 5, 5, 4), dtype=torch.uint8),
     torch.zeros((2, 3, 5, 5), dtype=torch.uint8),
-], ids=["float32", "int64", "3d", "4-channels", "nchw"])
+], ids=["float32", "int64", "2d", "4-channels", "nchw"])
 def test_to_model_input_rejects_wrong_dtype_or_shape(bad):
-    with pytest.raises(ValueError, match=r"expected uint8 \(N, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"expected uint8 \(N, H, W\) or \(N, H, W, 3\)"):
         to_model_input(bad)
 
 
