@@ -149,3 +149,14 @@ def object_store_mb() -> tuple[float, float]:
 
 def ratio(numerator: float, denominator: float) -> float:
     return round(numerator / denominator, 3) if denominator else float("nan")
+
+
+def mean_of_runs(runs: list[dict], key: str) -> dict:
+    """The last run's figures with `key` replaced by its mean over all runs, plus every run's value.
+
+    On a small shared VM whole runs vary by +-5% (which cores Ray's processes land on, noisy
+    neighbours), more than the differences being measured, so compared jobs are run alternately
+    and averaged rather than trusted from one run each.
+    """
+    values = [run[key] for run in runs]
+    return {**runs[-1], key: round(sum(values) / len(values), 1), f"{key}_runs": values}

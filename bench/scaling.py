@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--train-base", type=int, default=250)
-    parser.add_argument("--score-base", type=int, default=500)
+    parser.add_argument("--score-base", type=int, default=1000)
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--model", default="paper_cnn", choices=["paper_cnn", "bn_cnn"])
     parser.add_argument("--epochs", type=int, default=2)

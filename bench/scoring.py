@@ -27,6 +27,7 @@ from PIL import Image
 from bench.common import (
     DEFAULT_DATA,
     MemorySampler,
+    mean_of_runs,
     rate_for,
     ratio,
     replicate,
@@ -97,9 +98,21 @@ def brainray_score(checkpoint: Path, folder: Path, output: Path, batch: int,
             "job_images_per_s": round(summary["images"] / total, 1), **memory.report()}
 
 
-def measure(data: str, images: int, model: str | None, batch: int, seconds: float) -> dict:
+def _steady(quarter: dict, full: dict) -> dict:
+    """The job's fixed start-up (Ray Data, actor start and model load, listing, commit) is paid
+    once per run; the steady rate is what the extra 3/4 of the images cost."""
+    steady = (full["images"] - quarter["images"]) / (
+        full["job_s_incl_listing_and_commit"] - quarter["job_s_incl_listing_and_commit"])
+    return {**full, "steady_images_per_s": round(steady, 1),
+            "fixed_startup_s": round(full["job_s_incl_listing_and_commit"]
+                                     - full["images"] / steady, 1)}
+
+
+def measure(data: str, images: int, model: str | None, batch: int, seconds: float,
+            repeats: int = 2) -> dict:
     tune_this_process()
     torch.set_num_threads(os.cpu_count() or 1)
+    plain_runs, ours_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         checkpoint = Path(model) if model else untrained_checkpoint("paper_cnn",
@@ -108,19 +121,19 @@ def measure(data: str, images: int, model: str | None, batch: int, seconds: floa
         files = sorted(folder.glob("*/*.jpg"))
         small = replicate(source_files(data), images // 4, workdir / "inputs_quarter")
         limit = inference_limit(checkpoint, batch, seconds)
-        plain = plain_loop(checkpoint, files, batch)
-        quarter = brainray_score(checkpoint, small, workdir / "out_quarter", batch)
-        ours = brainray_score(checkpoint, folder, workdir / "out", batch)
-    # The job's fixed start-up (Ray Data, actor start and model load, listing, commit) is paid
-    # once per run; the steady rate is what the extra 3/4 of the images cost.
-    steady = (ours["images"] - quarter["images"]) / (
-        ours["job_s_incl_listing_and_commit"] - quarter["job_s_incl_listing_and_commit"])
-    ours["steady_images_per_s"] = round(steady, 1)
-    ours["fixed_startup_s"] = round(ours["job_s_incl_listing_and_commit"]
-                                    - ours["images"] / steady, 1)
+        for i in range(repeats):  # alternately, so that drifts in the machine hit both alike
+            plain_runs.append({"images_per_s": round(plain_loop(checkpoint, files, batch), 1)})
+            quarter = brainray_score(checkpoint, small, workdir / f"out_quarter{i}", batch)
+            ours_runs.append(_steady(quarter, brainray_score(checkpoint, folder,
+                                                             workdir / f"out{i}", batch)))
+    ours = mean_of_runs(ours_runs, "steady_images_per_s")
+    plain = mean_of_runs(plain_runs, "images_per_s")["images_per_s"]
+    steady = ours["steady_images_per_s"]
     return {"images": images, "model": model or "paper_cnn (untrained)", "batch_size": batch,
-            "inference_limit_images_per_s": round(limit, 1),
-            "plain_loop_images_per_s": round(plain, 1), "brainray": ours,
+            "repeats": repeats, "inference_limit_images_per_s": round(limit, 1),
+            "plain_loop_images_per_s": plain,
+            "plain_loop_images_per_s_runs": [r["images_per_s"] for r in plain_runs],
+            "brainray": ours,
             "brainray_vs_inference_limit": ratio(steady, limit),
             "brainray_vs_plain_loop": ratio(steady, plain),
             "brainray_job_vs_plain_loop": ratio(ours["job_images_per_s"], plain)}
@@ -133,8 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="checkpoint (default: untrained paper_cnn)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each, alternately; figures are their means")
     args = parser.parse_args(argv)
-    result = measure(args.data, args.images, args.model, args.batch_size, args.seconds)
+    result = measure(args.data, args.images, args.model, args.batch_size, args.seconds,
+                     args.repeats)
     print(json.dumps(result, indent=2), flush=True)
     return result
 

@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import DEFAULT_DATA, MemorySampler, ratio, replicate, source_files
+from bench.common import (
+    DEFAULT_DATA,
+    MemorySampler,
+    mean_of_runs,
+    ratio,
+    replicate,
+    source_files,
+)
 from brainray.config import TrainConfig
 from brainray.model import build_model
 from brainray.predict import autocast_for
@@ -124,14 +131,20 @@ def run_torchvision(data: Path, model_name: str, epochs: int, batch_size: int,
 
 
 def measure(data: str, images: int, model: str, epochs: int, batch_size: int,
-            compute_limit: float | None) -> dict:
+            compute_limit: float | None, repeats: int = 2) -> dict:
     tune_this_process()
     torch.set_num_threads(os.cpu_count() or 1)
+    ours_runs, baseline_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = replicate(source_files(data), images, Path(tmp) / "data")
-        ours = run_brainray(folder, Path(tmp) / "run", model, epochs, batch_size)
-        baseline = run_torchvision(folder, model, epochs, batch_size)
+        for i in range(repeats):  # alternately, so that drifts in the machine hit both alike
+            ours_runs.append(run_brainray(folder, Path(tmp) / f"run{i}", model, epochs,
+                                          batch_size))
+            baseline_runs.append(run_torchvision(folder, model, epochs, batch_size))
+    ours = mean_of_runs(ours_runs, "steady_train_images_per_s")
+    baseline = mean_of_runs(baseline_runs, "steady_train_images_per_s")
     result = {"images": images, "model": model, "epochs": epochs, "batch_size": batch_size,
+              "repeats": repeats,
               "brainray": ours, "torchvision_dataloader": baseline,
               "brainray_vs_torchvision": ratio(ours["steady_train_images_per_s"],
                                                baseline["steady_train_images_per_s"])}
@@ -149,9 +162,11 @@ def main(argv: list[str] | None = None, compute_limit: float | None = None) -> d
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--model", default="paper_cnn", choices=["paper_cnn", "bn_cnn"])
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each, alternately; figures are their means")
     args = parser.parse_args(argv)
     result = measure(args.data, args.images, args.model, args.epochs, args.batch_size,
-                     compute_limit)
+                     compute_limit, args.repeats)
     print(json.dumps(result, indent=2), flush=True)
     return result
 

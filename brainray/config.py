@@ -96,7 +96,7 @@ class TrainConfig:
     warmup_epochs: int = 1
     lr_schedule: str = "cosine"  # "cosine" decays to 0 over `epochs`; "constant"
     patience: int = 6  # epochs without validation-loss improvement before stopping
-    shuffle_buffer_images: int = 1000  # per-worker local shuffle buffer (x 150 KB at 224 px)
+    shuffle_buffer_images: int = 1000  # per-worker local shuffle buffer (x 50 KB at 224 px)
     augment: str = "paper"
     num_workers: int = 1
     use_gpu: bool = False

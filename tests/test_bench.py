@@ -12,7 +12,7 @@ import torch
 
 from bench import compute, scaling, time_to_accuracy
 from bench.__main__ import summary_table
-from bench.common import replicate
+from bench.common import mean_of_runs, replicate
 from brainray.model import build_model
 
 
@@ -47,6 +47,11 @@ def test_naive_paper_cnn_has_the_same_parameters_as_brainrays():
     ours.load_state_dict(naive.state_dict())  # same names and shapes
     x = torch.rand(2, 3, 224, 224)
     torch.testing.assert_close(naive.eval()(x), ours.eval()(x))
+
+
+def test_mean_of_runs_averages_one_figure_and_keeps_every_run():
+    runs = [{"rate": 50.0, "wall_s": 10.0}, {"rate": 56.0, "wall_s": 9.0}]
+    assert mean_of_runs(runs, "rate") == {"rate": 53.0, "rate_runs": [50.0, 56.0], "wall_s": 9.0}
 
 
 def test_scaling_marginal_time_per_image():
