@@ -21,8 +21,9 @@ import torch
 
 from brainray import output as publish
 from brainray.cli import run
-from brainray.config import DEFAULT_CLASSES, PreprocessConfig
+from brainray.config import DEFAULT_CLASSES, PreprocessConfig, ScoreConfig
 from brainray.model import build_model, make_checkpoint, model_from_checkpoint, serialize
+from brainray.score import _scorer_remote_args
 from brainray.transforms import preprocess_bytes, to_model_input
 from tests.conftest import encode, synthetic_scan, upload_tree, write_tree
 
@@ -263,3 +264,15 @@ def test_killed_run_then_rerun_leaves_each_image_exactly_once(ray_cluster, check
     scores = _read_scores(output)
     assert killed, "the job finished before it could be killed part-way"
     assert len(scores) == 40 and scores.uri.is_unique
+
+
+@pytest.mark.parametrize("use_gpu, explain_dir, expected", [
+    (False, None, {"max_concurrency": 2}),
+    (False, "review/", {}),  # Grad-CAM hooks keep state: one batch at a time
+    (True, None, {}),
+])
+def test_cpu_scoring_actors_overlap_two_batches_unless_they_explain(use_gpu, explain_dir,
+                                                                    expected):
+    config = ScoreConfig(model="model.pt", inputs=("in",), output="out", use_gpu=use_gpu,
+                         explain_review_dir=explain_dir)
+    assert _scorer_remote_args(config) == expected
