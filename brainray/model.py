@@ -37,10 +37,11 @@ class GrayInputConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != 1 or self.in_channels == 1:
             return super().forward(x)
-        if x.stride(1) != 1:
-            # A one-channel tensor is channels-last and NCHW at once, and convolution then falls
-            # back to its NCHW kernels for every layer after (~30% slower on CPU). The stride of a
-            # size-1 dimension never addresses memory, so setting it is a free view.
+        if x.stride(1) != 1 and not self.weight.is_contiguous():
+            # The model runs channels-last, but a one-channel tensor is channels-last and NCHW at
+            # once, and convolution then falls back to its NCHW kernels for every layer after
+            # (~30% slower on CPU). The stride of a size-1 dimension never addresses memory, so
+            # setting it is a free view.
             x = x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), x.stride(3)))
         return self._conv_forward(x, self.weight.sum(dim=1, keepdim=True), self.bias)
 

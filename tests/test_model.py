@@ -287,3 +287,9 @@ def test_gray_input_keeps_a_channels_last_model_channels_last():
     # When the first convolution runs / Then its output is channels-last, so every later layer
     # runs the channels-last kernels
     assert model.features[0](x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gray_input_leaves_an_nchw_model_nchw():
+    model = build_model("paper_cnn", 4, image_size=SMALL)
+    out = model.features[0](torch.rand(2, 1, SMALL, SMALL))
+    assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
