@@ -6,11 +6,10 @@
 Adam) on gray images copied to RGB. "brainray" is the same function as brainray trains it: the
 gray channel convolved with the first layer's weights summed over RGB (identical outputs), max-pool
 before ReLU (identical outputs, less memory traffic), channels-last, fused Adam, and the fastest
-precision measured here
-(bf16 autocast is tried on CPU, fp16/bf16 AMP on GPU), with glibc's allocator set up as brainray
-sets it up for its Ray workers (`brainray.runtime_env`). The two are started from the same weights
-and trained on the same batches; the largest logit difference afterwards shows they compute the
-same thing.
+precision measured here (bf16 autocast is tried on CPU, fp16/bf16 AMP on GPU), with glibc's
+allocator set up as brainray sets it up for its Ray workers (`brainray.runtime_env`). The two are
+started from the same weights and trained on the same batches; the largest logit difference
+afterwards shows they compute the same thing.
 """
 
 from __future__ import annotations
@@ -57,8 +56,8 @@ def _batch(batch_size: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
     gray = torch.randint(0, 256, (batch_size, 224, 224), generator=generator, dtype=torch.uint8)
     y = torch.randint(0, 4, (batch_size,), generator=generator).to(device)
-    rgb = gray.float().div(255.0).unsqueeze(1).repeat(1, 3, 1, 1).to(device)
-    return rgb, to_model_input(gray.to(device)), y
+    one_channel = to_model_input(gray.to(device))
+    return one_channel.repeat(1, 3, 1, 1), one_channel, y  # repeat's copy is NCHW-contiguous
 
 
 def _train_step(model, optimizer, x, y, device, precision, scaler=None):

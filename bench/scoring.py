@@ -127,12 +127,12 @@ def measure(data: str, images: int, model: str | None, batch: int, seconds: floa
             ours_runs.append(_steady(quarter, brainray_score(checkpoint, folder,
                                                              workdir / f"out{i}", batch)))
     ours = mean_of_runs(ours_runs, "steady_images_per_s")
-    plain = mean_of_runs(plain_runs, "images_per_s")["images_per_s"]
-    steady = ours["steady_images_per_s"]
+    plain_loop_runs = mean_of_runs(plain_runs, "images_per_s")
+    steady, plain = ours["steady_images_per_s"], plain_loop_runs["images_per_s"]
     return {"images": images, "model": model or "paper_cnn (untrained)", "batch_size": batch,
             "repeats": repeats, "inference_limit_images_per_s": round(limit, 1),
             "plain_loop_images_per_s": plain,
-            "plain_loop_images_per_s_runs": [r["images_per_s"] for r in plain_runs],
+            "plain_loop_images_per_s_runs": plain_loop_runs["images_per_s_runs"],
             "brainray": ours,
             "brainray_vs_inference_limit": ratio(steady, limit),
             "brainray_vs_plain_loop": ratio(steady, plain),

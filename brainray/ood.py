@@ -38,13 +38,24 @@ REASON_CONSTANT = "near-constant image"
 REASON_INTENSITY = "mean intensity outside the training range"
 
 
-def colour_fractions(images: np.ndarray) -> np.ndarray:
-    """Per image of a uint8 (N, H, W, 3) batch: the share of pixels whose channel spread is over
-    SATURATION_LEVEL, on every other pixel each way (plenty for a whole-image statistic)."""
+def _subsampled(images: np.ndarray) -> torch.Tensor:
+    """Every other pixel each way (a 112x112 grid at 224 px), flattened per image: plenty for
+    whole-image statistics. torch is vectorised and multi-threaded where numpy is not: scoring
+    checks every image, and the full-resolution numpy version cost 3.6 ms an image, as much as
+    inference itself."""
     pixels = torch.from_numpy(np.ascontiguousarray(images[:, ::2, ::2], dtype=np.uint8))
-    pixels = pixels.reshape(len(images), -1, 3)
+    return pixels.reshape(len(images), -1, *images.shape[3:])
+
+
+def _colour_fractions(pixels: torch.Tensor) -> np.ndarray:
     spread = pixels.amax(dim=2) - pixels.amin(dim=2)  # uint8: max >= min, no wrap-around
     return (spread > SATURATION_LEVEL * 255).double().mean(dim=1).numpy()
+
+
+def colour_fractions(images: np.ndarray) -> np.ndarray:
+    """Per image of a uint8 (N, H, W, 3) batch: the share of pixels whose channel spread (max -
+    min of R, G, B) is over SATURATION_LEVEL."""
+    return _colour_fractions(_subsampled(images))
 
 
 def preprocess_with_colour(image: Image.Image, config: PreprocessConfig
@@ -67,16 +78,12 @@ def image_features(images: np.ndarray, colour_fraction: np.ndarray | None = None
     if n == 0:
         empty = np.zeros(0, dtype=np.float64)
         return {"colour_fraction": empty, "std": empty, "mean": empty}
-    # Every other pixel each way (a 112x112 grid at 224 px) is plenty for whole-image
-    # statistics, and torch is vectorised and multi-threaded where numpy is not: scoring checks
-    # every image, and the full-resolution numpy version cost 3.6 ms an image, as much as
-    # inference itself.
-    pixels = torch.from_numpy(np.ascontiguousarray(images[:, ::2, ::2], dtype=np.uint8))
-    gray = pixels.reshape(n, -1, 3).float().mean(dim=2) if images.ndim == 4 else \
-        pixels.reshape(n, -1).float()
+    pixels = _subsampled(images)
+    rgb = images.ndim == 4
+    gray = pixels.float().mean(dim=2) if rgb else pixels.float()
     std, mean = torch.std_mean(gray.div_(255.0), dim=1, correction=0)
     if colour_fraction is None:
-        colour_fraction = colour_fractions(images) if images.ndim == 4 else np.zeros(n)
+        colour_fraction = _colour_fractions(pixels) if rgb else np.zeros(n)
     return {"colour_fraction": np.asarray(colour_fraction, dtype=np.float64),
             "std": std.double().numpy(), "mean": mean.double().numpy()}
 

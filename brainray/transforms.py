@@ -56,14 +56,9 @@ def _high_depth_to_uint8(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode (L, I;16, F, P, RGBA, CMYK, LA, 1) to 8-bit RGB; gray is copied to 3 channels."""
-    image = to_8bit(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def to_8bit(image: Image.Image) -> Image.Image:
-    """Any mode to 8-bit "L" (gray stays one channel) or "RGB", upright per its EXIF."""
+    """Any mode (L, I;16, F, P, RGBA, CMYK, LA, 1) to 8-bit "L" (gray stays one channel) or
+    "RGB", upright per its EXIF."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _high_depth_to_uint8(image)

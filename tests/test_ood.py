@@ -16,7 +16,6 @@ from brainray.transforms import (
     preprocess_bytes,
     preprocess_image,
     resize_image,
-    to_rgb,
 )
 from tests.conftest import synthetic_scan
 
@@ -123,7 +122,8 @@ def test_features_match_a_full_resolution_numpy_reference_on_real_mri():
     config = PreprocessConfig()
     decoded = [decode_image(p.read_bytes(), config.max_image_pixels) for p in paths]
     images = np.stack([preprocess_image(image, config) for image in decoded])
-    rgb = np.stack([np.asarray(to_rgb(resize_image(image, config))) for image in decoded])
+    rgb = np.stack([np.asarray(resize_image(image, config).convert("RGB"))
+                    for image in decoded])
     gray = images.reshape(len(images), -1).astype(np.float64) / 255.0
     spread = rgb.max(axis=3).astype(np.int16) - rgb.min(axis=3)
     features = ood.image_features(images)

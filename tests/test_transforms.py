@@ -23,8 +23,8 @@ from brainray.transforms import (
     preprocess_image,
     resize_image,
     sample_affine,
+    to_8bit,
     to_model_input,
-    to_rgb,
 )
 
 MAX_PIXELS = 64_000_000
@@ -268,7 +268,7 @@ def test_preprocess_bytes_matches_decode_then_preprocess():
                                   preprocess_image(decode_image(data, MAX_PIXELS), config))
 
 
-def test_to_rgb_applies_exif_orientation():
+def test_to_8bit_applies_exif_orientation():
     # Given a 4x2 image saved with EXIF orientation 6 (display rotated 90 degrees clockwise)
     image = Image.new("L", (4, 2), 0)
     exif = Image.Exif()
@@ -276,7 +276,7 @@ def test_to_rgb_applies_exif_orientation():
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
     # When converted / Then the displayed orientation (2 wide, 4 high) is used
-    assert to_rgb(decode_image(buffer.getvalue(), MAX_PIXELS)).size == (2, 4)
+    assert to_8bit(decode_image(buffer.getvalue(), MAX_PIXELS)).size == (2, 4)
 
 
 # --- to_model_input -------------------------------------------------------------------------------
