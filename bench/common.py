@@ -97,6 +97,7 @@ class MemorySampler:
         self.peak_private_mb = 0.0
         self.peak_object_store_mb = 0.0
         self.peak_spilled_mb = 0.0
+        self.peak_by_process: dict[int, tuple[float, str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -110,27 +111,40 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_private_mb = max(self.peak_private_mb, private_memory_mb())
+            per_process = private_memory_by_process()
+            self.peak_private_mb = max(self.peak_private_mb,
+                                       sum(mb for mb, _ in per_process.values()))
+            for pid, (mb, name) in per_process.items():
+                if mb > self.peak_by_process.get(pid, (0.0, ""))[0]:
+                    self.peak_by_process[pid] = (mb, name)
             store, spilled = object_store_mb()
             self.peak_object_store_mb = max(self.peak_object_store_mb, store)
             self.peak_spilled_mb = max(self.peak_spilled_mb, spilled)
 
-    def report(self) -> dict:
+    def report(self, largest: int = 5) -> dict:
+        """Peaks, plus the `largest` processes' own peaks (named as they were at their peak:
+        Ray workers rename themselves after the task or actor they run), which is where to look
+        when the total grows."""
+        top = sorted(self.peak_by_process.items(), key=lambda item: -item[1][0])[:largest]
         return {"peak_process_private_mb": round(self.peak_private_mb),
                 "peak_object_store_mb": round(self.peak_object_store_mb),
-                "peak_spilled_mb": round(self.peak_spilled_mb)}
+                "peak_spilled_mb": round(self.peak_spilled_mb),
+                "peak_private_mb_largest_processes": {
+                    f"{name} ({pid})": round(mb) for pid, (mb, name) in top}}
 
 
-def private_memory_mb() -> float:
+def private_memory_by_process() -> dict[int, tuple[float, str]]:
+    """{pid: (private MB, name)} for this process ("driver") and every process it started."""
     me = psutil.Process()
-    total = 0
+    out = {}
     for process in [me, *me.children(recursive=True)]:
         try:
             info = process.memory_info()
-            total += info.rss - getattr(info, "shared", 0)
+            name = "driver" if process.pid == me.pid else process.name()
+            out[process.pid] = ((info.rss - getattr(info, "shared", 0)) / 2**20, name)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total / 2**20
+    return out
 
 
 def object_store_mb() -> tuple[float, float]:

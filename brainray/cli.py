@@ -166,7 +166,7 @@ def _score_parser(sub) -> None:
                         "(adds rows; default is incremental)")
     p.add_argument("--files-per-task", type=int, default=d["files_per_task"].default,
                    help="input files read per Ray Data task (on CPU at least --batch-size: "
-                        "decoding is fused into the inference actors there)")
+                        "fewer, fuller tasks)")
     p.add_argument("--rows-per-file", type=int, default=d["rows_per_file"].default,
                    help="target rows per output Parquet file")
     _add_cluster_flags(p)
