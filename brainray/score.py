@@ -33,7 +33,11 @@ from brainray.sources import SourceLimits, expand, is_supported
 
 STATUS_OK, STATUS_ERROR = "ok", "error"
 IMAGES_PER_BLOCK = 64  # bounds memory when one archive expands into thousands of images
-READ_TASK_CPUS = 0.5  # decode tasks fit beside the actors (a 1-CPU actor leaves room for two)
+# Decoding runs in CPU tasks of their own beside the actors (a 1-CPU actor leaves room for two),
+# on CPU and GPU clusters alike. A CPU request unlike the actors' keeps Ray Data from fusing the
+# two steps, so the next batches decode while the model runs: on 2 cores, 3,000-image jobs took
+# 27.7 / 27.1 s this way against 36.0 / 30.4 s fused into the actor (bench/scoring.py).
+READ_TASK_CPUS = 0.5
 
 
 def output_schema(classes: list[str]) -> pa.Schema:
@@ -311,16 +315,6 @@ def _check_output_classes(output: str, classes: list[str], options: StorageOptio
                          f"the model was trained on {list(classes)}; score into another --output")
 
 
-def _read_resources(config: ScoreConfig) -> dict:
-    """Decoding runs in CPU tasks of their own, beside the actors, on CPU and GPU clusters alike.
-
-    A CPU request unlike the actors' keeps Ray Data from fusing the two steps, so the next
-    batches decode while the model runs. On 2 cores, 3,000-image jobs took 27.7 / 27.1 s this way
-    against 36.0 / 30.4 s with decoding fused into the actor (bench/scoring.py, alternating runs).
-    """
-    return {"num_cpus": READ_TASK_CPUS}
-
-
 def _files_per_task(config: ScoreConfig) -> int:
     """On CPU a whole batch of files per task (fewer, fuller tasks: +6% images/s on 2 cores).
     With GPUs, small tasks spread decoding over every CPU of the cluster."""
@@ -383,7 +377,7 @@ def run_scoring(config: ScoreConfig) -> dict:
     scored = (
         ray.data.from_items(files)
         .map_batches(read_and_preprocess, batch_size=_files_per_task(config),
-                     **_read_resources(config), fn_kwargs={
+                     num_cpus=READ_TASK_CPUS, fn_kwargs={
                          "options": options, "preprocess": preprocess_config(checkpoint),
                          "limits": SourceLimits(
                              max_image_pixels=checkpoint["preprocess"]["max_image_pixels"]),
