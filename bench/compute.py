@@ -6,10 +6,11 @@
 Adam) on gray images copied to RGB. "brainray" is the same function as brainray trains it: the
 gray channel convolved with the first layer's weights summed over RGB (identical outputs), max-pool
 before ReLU (identical outputs, less memory traffic), channels-last, fused Adam, and the fastest
-precision measured here (bf16 autocast is tried on CPU, fp16/bf16 AMP on GPU), with glibc's
-allocator set up as brainray sets it up for its Ray workers (`brainray.runtime_env`). The two are
-started from the same weights and trained on the same batches; the largest logit difference
-afterwards shows they compute the same thing.
+precision measured here (on CPUs with native bf16: bf16 autocast over the whole model and over its
+first block only, `brainray.precision`; on GPU fp16/bf16 AMP), with glibc's allocator set up as
+brainray sets it up for its Ray workers (`brainray.runtime_env`). The two are started from the
+same weights and trained on the same batches in fp32; the largest logit difference afterwards
+shows they compute the same thing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from bench.common import rate_for, ratio
 from brainray.model import build_model
-from brainray.predict import autocast_for
+from brainray.precision import autocast_for, cpu_has_native_bf16, prepare
 from brainray.runtime_env import tune_this_process
 from brainray.train import make_optimizer
 from brainray.transforms import to_model_input
@@ -85,7 +86,9 @@ def _infer_step(model, x, device, precision):
 
 
 def _precisions(device: torch.device) -> list[str]:
-    return ["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]
+    if device.type == "cuda":
+        return ["fp32", "fp16", "bf16"]
+    return ["fp32", "bf16", "bf16-stem"] if cpu_has_native_bf16() else ["fp32"]
 
 
 def measure(model_name: str, batch_size: int, seconds: float, device: torch.device) -> dict:
@@ -123,6 +126,7 @@ def measure(model_name: str, batch_size: int, seconds: float, device: torch.devi
     for precision in _precisions(device):
         scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "fp16"
                   else None)
+        prepare(fast, device, precision, training=True)
         fast.train()
         result[f"brainray_{precision}_train_images_per_s"] = round(rate_for(
             seconds, _train_step(fast, fast_opt, x_gray, y, device, precision, scaler)), 1)

@@ -36,7 +36,7 @@ from bench.common import (
 )
 from brainray.config import ScoreConfig
 from brainray.model import model_from_checkpoint
-from brainray.predict import autocast_for
+from brainray.precision import autocast_for
 from brainray.runtime_env import tune_this_process
 from brainray.transforms import to_model_input
 

@@ -32,7 +32,7 @@ from bench.common import (
 )
 from brainray.config import TrainConfig
 from brainray.model import build_model
-from brainray.predict import autocast_for
+from brainray.precision import autocast_for, prepare
 from brainray.runtime_env import tune_this_process
 from brainray.train import make_optimizer
 
@@ -92,7 +92,8 @@ def run_torchvision(data: Path, model_name: str, epochs: int, batch_size: int,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_model(model_name, 4).to(device, memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    precision = prepare(model, device, "auto", training=True)  # what `brainray train` uses
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     optimizer = make_optimizer(model, 5e-4, 0.0, device)
     loader = DataLoader(ImageFolder(str(data), transform=torchvision_transform()),
                         batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -113,7 +114,7 @@ def run_torchvision(data: Path, model_name: str, epochs: int, batch_size: int,
                 x, y = batch
                 x = x.to(device).contiguous(memory_format=torch.channels_last)
                 y = y.to(device)
-                with autocast_for(device):
+                with autocast_for(device, precision):
                     loss = nn.functional.cross_entropy(model(x).float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

@@ -29,7 +29,7 @@ COL_GROUP = "group"
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp")
 
 MODEL_NAMES: tuple[str, ...] = ("paper_cnn", "bn_cnn")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "bf16-stem")
 AUGMENT_LEVELS: tuple[str, ...] = ("paper", "light", "none")
 
 
@@ -102,7 +102,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # 0 = auto: the node's cores shared among its workers
-    precision: str = "auto"  # auto: fp16 AMP on GPU, fp32 on CPU (bench/compute.py)
+    precision: str = "auto"  # brainray.precision: fp16 AMP on GPU, bf16-stem or fp32 on CPU
     seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.1

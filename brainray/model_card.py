@@ -198,6 +198,12 @@ def _architecture_line(metrics: Mapping) -> str:
     return f"- Architecture: `{name}`{size}; classes {', '.join(metrics.get('classes', []))}."
 
 
+def _precision(config: Mapping, history: list) -> str:
+    """What the epochs actually ran in (a resumed run may differ), else the configured setting."""
+    used = list(dict.fromkeys(h["precision"] for h in history if h.get("precision")))
+    return ", ".join(used) if used else str(config.get("precision", "n/a"))
+
+
 def render_model_card(metrics: Mapping) -> str:
     """Markdown model card from a training run's metrics.json content."""
     config = metrics.get("config", {})
@@ -213,7 +219,7 @@ def render_model_card(metrics: Mapping) -> str:
              f"(early stopping on validation loss, patience {config.get('patience', 'n/a')}); "
              f"seed {config.get('seed', 'n/a')}; Adam, lr {config.get('lr', 'n/a')}, batch "
              f"{config.get('batch_size_per_worker', 'n/a')} x {config.get('num_workers', 'n/a')} "
-             "worker(s).", "",
+             f"worker(s); precision {_precision(config, history)}.", "",
              "## Intended use", "", INTENDED_USE, "",
              "Out of scope: diagnosis, treatment decisions, screening of patients, any use "
              "without a qualified reader reviewing every image; images that are not axial, "

@@ -11,6 +11,7 @@ import torch
 from brainray import storage
 from brainray.config import COL_IMAGE, StorageOptions
 from brainray.model import deserialize, model_from_checkpoint, temperature_of
+from brainray.precision import autocast_for, prepare
 from brainray.transforms import to_model_input
 
 COL_PROBS = "probs"
@@ -32,20 +33,6 @@ def load_checkpoint(model_uri: str, options: StorageOptions) -> dict:
     return deserialize(storage.read_bytes(uri, options), source=storage.redact(uri))
 
 
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """The mixed-precision context: fp16 (or bf16) autocast on GPU; on CPU only when asked.
-
-    On CPU "auto" means fp32: measured on this project's AVX-512-BF16 machines, bf16 autocast
-    was no faster than channels-last fp32 for these small convolutional nets (bench/).
-    """
-    if device.type == "cuda":
-        if precision == "fp32":
-            return torch.autocast("cuda", enabled=False)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("bf16", "fp16"))
-
-
 class Predictor:
     """Holds one model per Ray actor; `__call__` maps a batch of uint8 images to probabilities."""
 
@@ -55,7 +42,7 @@ class Predictor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = model_from_checkpoint(checkpoint).to(self.device,
                                                          memory_format=torch.channels_last)
-        self.precision = precision
+        self.precision = prepare(self.model, self.device, precision, training=False)
         self.model_id = checkpoint["model_id"]
         self.model_name = checkpoint["model_name"]
         self.classes = checkpoint["classes"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from brainray.config import COL_IMAGE, COL_LABEL, AugmentConfig, PreprocessConfig
 from brainray.model import build_model, count_parameters, make_checkpoint, serialize, unwrap
-from brainray.predict import autocast_for
+from brainray.precision import autocast_for, prepare
 from brainray.transforms import augment_batch, augmentation_generator, to_model_input
 
 MODEL_FILE = "model.pt"
@@ -238,12 +238,15 @@ def train_loop_per_worker(loop: dict) -> None:
     loop = dict(loop, step=0, augment_config=AugmentConfig.preset(loop["augment"]),
                 preprocess_config=PreprocessConfig(**loop["preprocess"]))
     model = build_model(loop["model"], len(loop["classes"]), loop["preprocess"]["image_size"])
-    print0(f"model {loop['model']}: {count_parameters(model):,} parameters")
+    precision = prepare(model, device, loop["precision"], training=True)
+    print0(f"model {loop['model']}: {count_parameters(model):,} parameters, precision "
+           f"{precision}" + (" (auto)" if loop["precision"] == "auto" else ""))
+    loop["precision"] = precision
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = make_optimizer(model, loop["lr"], loop["weight_decay"], device)
     # Loss scaling only matters for fp16 on GPU; elsewhere the scaler is a no-op passthrough.
-    fp16 = device.type == "cuda" and loop["precision"] in ("auto", "fp16")
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    scaler = torch.amp.GradScaler(device.type,
+                                  enabled=device.type == "cuda" and precision == "fp16")
     state = _restore(model, optimizer, scaler, loop)
     train_shard = ray.train.get_dataset_shard("train")
     val_iterator = ray.train.get_dataset_shard("val")
@@ -256,8 +259,9 @@ def train_loop_per_worker(loop: dict) -> None:
     epoch_seconds: list[float] = []
     for epoch in range(state.next_epoch, loop["epochs"]):
         started = time.perf_counter()
-        metrics = {"epoch": epoch + 1, **train_one_epoch(model, optimizer, scaler, train_shard,
-                                                          loop, epoch, state, device)}
+        metrics = {"epoch": epoch + 1, "precision": precision,
+                   **train_one_epoch(model, optimizer, scaler, train_shard, loop, epoch, state,
+                                     device)}
         metrics.update(evaluate_epoch(model, val_iterator, loop, device))
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         stop = update_early_stopping(state, metrics["val_loss"], epoch, loop["patience"])

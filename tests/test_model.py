@@ -293,3 +293,56 @@ def test_gray_input_leaves_an_nchw_model_nchw():
     model = build_model("paper_cnn", 4, image_size=SMALL)
     out = model.features[0](torch.rand(2, 1, SMALL, SMALL))
     assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
+
+
+def _stem_dtypes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.dtype]:
+    """The dtype each `features` module outputs in one forward pass."""
+    dtypes: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+             for m in model.features]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dtypes
+
+
+def test_bf16_stem_runs_only_the_first_block_in_bf16():
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", 4, image_size=SMALL).eval()
+    x = torch.rand(2, 1, SMALL, SMALL)
+    assert set(_stem_dtypes(model, x)) == {torch.float32}
+    model.bf16_stem = True
+    dtypes = _stem_dtypes(model, x)
+    stem = type(model).stem_layers
+    assert stem == 3  # conv1, pool1, ReLU1
+    assert dtypes[:stem] == [torch.bfloat16] * stem
+    assert set(dtypes[stem:]) == {torch.float32}
+
+
+def test_bf16_stem_stays_close_to_fp32_and_trains():
+    """Outputs within bf16 rounding of fp32; every parameter gets an fp32 gradient."""
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", 4, image_size=SMALL)
+    model = model.to(memory_format=torch.channels_last).eval()
+    x = torch.rand(4, 1, SMALL, SMALL)
+    with torch.no_grad():
+        reference = model(x)
+        model.bf16_stem = True
+        stem = model(x)
+    torch.testing.assert_close(stem, reference, rtol=0.05, atol=0.02)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    for param in model.parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32
+        assert torch.isfinite(param.grad).all()
+
+
+def test_bf16_stem_is_not_part_of_the_checkpoint():
+    model = build_model("paper_cnn", 4, image_size=CKPT_SIZE)
+    model.bf16_stem = True
+    checkpoint = make_checkpoint(model, model_name="paper_cnn", classes=CLASSES,
+                                 preprocess=PreprocessConfig(image_size=CKPT_SIZE), config={},
+                                 metrics={}, epoch=1)
+    assert model_from_checkpoint(deserialize(serialize(checkpoint))).bf16_stem is False

@@ -67,3 +67,13 @@ def test_model_card_has_every_section_with_numbers_from_the_metrics():
 def test_model_card_without_calibration_or_shortcut_check_says_so():
     card = render_model_card(_metrics(with_trust=False))
     assert "Not calibrated" in card and "--shortcut-check" in card
+
+
+def test_model_card_names_the_precision_the_epochs_ran_in():
+    metrics = _metrics(with_trust=False)
+    metrics["config"]["precision"] = "auto"
+    metrics["history"] = [{"epoch": 1, "precision": "bf16-stem"},
+                          {"epoch": 2, "precision": "bf16-stem"}, {"epoch": 3, "precision": "fp32"}]
+    assert "precision bf16-stem, fp32." in render_model_card(metrics)
+    metrics["history"] = [{"epoch": 1}]  # runs from before the history recorded it
+    assert "precision auto." in render_model_card(metrics)
