@@ -3,7 +3,10 @@
 
     python -m bench.scaling [--train-base 250] [--score-base 500] [--factors 1 4 16]
 
-Training: the steady (last) epoch's seconds per training image, and the whole job's. Scoring:
+Training: seconds per training image over the epochs after the first (the first decodes and
+caches), and the whole job's. Small sizes train more epochs, so that the steady figure always
+covers at least MIN_STEADY_IMAGES images: a 200-image epoch lasts 4 s, and one hiccup of the
+machine would otherwise move it by 10%. Every epoch still pays its own fixed costs. Scoring:
 the job's seconds per image, which carries a fixed start-up (actor start, model load, listing,
 commit) that larger runs amortise, and the marginal seconds per image between consecutive sizes,
 which is what must stay flat. Memory: peak private memory of every process of the local Ray
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +30,22 @@ from bench.common import DEFAULT_DATA, replicate, source_files, untrained_checkp
 from bench.scoring import brainray_score
 from bench.training import run_brainray
 from brainray.runtime_env import tune_this_process
+
+MIN_STEADY_IMAGES = 1600
+TRAIN_SHARE = 0.8  # of the images, after the default validation and test splits
+
+
+def epochs_for(images: int, minimum: int) -> int:
+    """One first epoch, then enough for MIN_STEADY_IMAGES training images (at least `minimum`
+    epochs in all)."""
+    steady = math.ceil(MIN_STEADY_IMAGES / max(1, round(images * TRAIN_SHARE)))
+    return max(minimum, 1 + steady)
+
+
+def steady_ms_per_image(epoch_seconds: list[float], images_per_epoch: int) -> float:
+    """Milliseconds per training image over every epoch after the first."""
+    steady = epoch_seconds[1:] or epoch_seconds
+    return round(sum(steady) / (len(steady) * images_per_epoch) * 1000, 2)
 
 
 def _marginal(points: list[dict], seconds_key: str) -> list[float | None]:
@@ -48,13 +68,13 @@ def measure(data: str, train_base: int, score_base: int, factors: list[int], mod
         for factor in factors:
             n = train_base * factor
             folder = replicate(files, n, workdir / f"train{n}")
-            run = run_brainray(folder, workdir / f"run{n}", model, epochs, 32)
-            steady_s = run["epoch_train_seconds"][-1]
+            run = run_brainray(folder, workdir / f"run{n}", model, epochs_for(n, epochs), 32)
             training.append({
                 "factor": factor, "images": n, "train_images_per_epoch":
                     run["train_images_per_epoch"],
-                "steady_epoch_ms_per_image": round(steady_s / run["train_images_per_epoch"]
-                                                   * 1000, 2),
+                "epoch_train_seconds": run["epoch_train_seconds"],
+                "steady_epoch_ms_per_image": steady_ms_per_image(
+                    run["epoch_train_seconds"], run["train_images_per_epoch"]),
                 "job_wall_s": run["job_wall_s"],
                 **{k: v for k, v in run.items() if k.startswith("peak_")}})
         for factor in factors:
@@ -83,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--score-base", type=int, default=1000)
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--model", default="paper_cnn", choices=["paper_cnn", "bn_cnn"])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="at least this many epochs per size (small sizes train more)")
     args = parser.parse_args(argv)
     result = measure(args.data, args.train_base, args.score_base, args.factors, args.model,
                      args.epochs)

@@ -54,6 +54,21 @@ def test_mean_of_runs_averages_one_figure_and_keeps_every_run():
     assert mean_of_runs(runs, "rate") == {"rate": 53.0, "rate_runs": [50.0, 56.0], "wall_s": 9.0}
 
 
+def test_scaling_trains_small_sizes_for_more_epochs_to_cover_enough_images():
+    assert scaling.epochs_for(250, 2) == 1 + 8  # 200 training images an epoch
+    assert scaling.epochs_for(1000, 2) == 1 + 2
+    assert scaling.epochs_for(4000, 2) == 2  # the minimum already covers 3,200
+    assert scaling.epochs_for(4000, 3) == 3
+    for images in (10, 250, 1000, 4000):
+        epochs = scaling.epochs_for(images, 2)
+        assert (epochs - 1) * images * scaling.TRAIN_SHARE >= scaling.MIN_STEADY_IMAGES
+
+
+def test_scaling_steady_time_per_image_leaves_out_the_first_epoch():
+    assert scaling.steady_ms_per_image([30.0, 4.0, 5.0, 3.0], 200) == 20.0
+    assert scaling.steady_ms_per_image([4.0], 200) == 20.0  # one epoch: all there is
+
+
 def test_scaling_marginal_time_per_image():
     points = [{"images": 100, "job_s": 10.0}, {"images": 400, "job_s": 13.0},
               {"images": 1600, "job_s": 25.0}]
