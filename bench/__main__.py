@@ -45,6 +45,11 @@ def summary_table(results: dict) -> str:
                          f"{c['naive_fp32_nchw_train_images_per_s']} (naive fp32 NCHW)",
                          c["fastest_vs_naive_train"], ">= 3.0",
                          c["fastest_vs_naive_train"] >= TARGETS["train_step"]))
+        if "bf16_stem_vs_naive_train" in c:
+            rows.append(_row("(1) train step, opt-in `--precision bf16-stem`, img/s",
+                             f"{c['brainray_bf16-stem_train_images_per_s']}",
+                             f"{c['naive_fp32_nchw_train_images_per_s']} (naive fp32 NCHW)",
+                             c["bf16_stem_vs_naive_train"], "", None))
         rows.append(_row("(1) inference, img/s", f"{c['fastest_infer_images_per_s']} "
                          f"({c['fastest_infer_precision']}, channels-last)",
                          f"{c['naive_fp32_nchw_infer_images_per_s']} (naive fp32 NCHW)",

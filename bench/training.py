@@ -92,7 +92,7 @@ def run_torchvision(data: Path, model_name: str, epochs: int, batch_size: int,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_model(model_name, 4).to(device, memory_format=torch.channels_last)
-    precision = prepare(model, device, "auto", training=True)  # what `brainray train` uses
+    precision = prepare(model, device, "auto")  # what `brainray train` uses
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     optimizer = make_optimizer(model, 5e-4, 0.0, device)
     loader = DataLoader(ImageFolder(str(data), transform=torchvision_transform()),

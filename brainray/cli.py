@@ -89,8 +89,8 @@ def _train_parser(sub) -> None:
     m.add_argument("--augment", choices=AUGMENT_LEVELS, default=d["augment"].default,
                    help="paper: rotation 30 deg, h/v flips, zoom/crop, brightness/contrast 0.2")
     m.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
-                   help="auto: fp16 AMP on GPU; on CPU bf16 for the first block only (bf16-stem) "
-                        "where the CPU has native bf16, else fp32")
+                   help="auto: fp16 AMP on GPU, fp32 on CPU; bf16-stem: bf16 for paper_cnn's first "
+                        "block only (faster on CPUs with native bf16; README, Performance)")
     m.add_argument("--image-size", type=int, default=PreprocessConfig.image_size,
                    help="images are resized to this square size in pixels")
     m.add_argument("--seed", type=int, default=d["seed"].default,

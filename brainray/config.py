@@ -102,7 +102,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # 0 = auto: the node's cores shared among its workers
-    precision: str = "auto"  # brainray.precision: fp16 AMP on GPU, bf16-stem or fp32 on CPU
+    precision: str = "auto"  # brainray.precision: fp16 AMP on GPU, fp32 on CPU
     seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.1

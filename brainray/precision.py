@@ -6,11 +6,11 @@
   pooling and activation); everything after runs in fp32. Models without such a block (bn_cnn,
   where it measured no faster) run fp32. On CPUs with native bf16 instructions that block's
   convolution is ~2x faster in bf16 and its output, the largest tensor of the step, half the
-  memory traffic, while the deeper convolutions are 2x slower in bf16 than in fp32 (bench/).
+  memory traffic, while the deeper convolutions are slower in bf16 than in fp32 (bench/).
 
-"auto" is fp16 AMP on GPU. On CPU it is bf16-stem for training where the CPU has native bf16
-(about +6% training images/s for paper_cnn, same test accuracy; README, Performance), and fp32
-otherwise and for inference, where the bf16 first block gains nothing measurable.
+"auto" is fp16 AMP on GPU and fp32 on CPU. bf16-stem trains paper_cnn about 5% faster on CPU, but
+in two paired runs its validation and test losses came out 4-11% higher (README, Performance), so
+it is opt-in rather than the default.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(check is not None and check())
 
 
-def resolve(precision: str, device: torch.device, *, training: bool,
-            has_stem: bool = True) -> str:
+def resolve(precision: str, device: torch.device, *, has_stem: bool = True) -> str:
     """The concrete precision ("fp32", "fp16", "bf16" or "bf16-stem") that `precision` means
     for a model with (`has_stem`) or without a first block that bf16 speeds up."""
     if precision not in PRECISIONS:
@@ -40,20 +39,17 @@ def resolve(precision: str, device: torch.device, *, training: bool,
         return "fp32"
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "fp16"
-    return "bf16-stem" if training and has_stem and cpu_has_native_bf16() else "fp32"
+    return "fp16" if device.type == "cuda" else "fp32"
 
 
-def prepare(model: nn.Module, device: torch.device, precision: str, *, training: bool) -> str:
+def prepare(model: nn.Module, device: torch.device, precision: str) -> str:
     """Resolve `precision` and set the model's first block to match; returns what it resolved to.
 
     The first block's precision is a plain attribute, not a parameter or buffer, so checkpoints
     are the same whichever precision trained or loads them.
     """
     network = unwrap(model)
-    resolved = resolve(precision, device, training=training,
-                       has_stem=getattr(network, "stem_layers", 0) > 0)
+    resolved = resolve(precision, device, has_stem=getattr(network, "stem_layers", 0) > 0)
     network.bf16_stem = resolved == "bf16-stem"
     return resolved
 
@@ -63,8 +59,7 @@ def autocast_for(device: torch.device, precision: str = "auto"):
 
     bf16-stem needs no context here: the model applies it to its first block (`prepare`).
     """
-    if precision == "auto":
-        precision = resolve(precision, device, training=False)
+    precision = resolve(precision, device)
     enabled = precision in ("fp16", "bf16")
     if device.type == "cuda":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16

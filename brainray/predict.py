@@ -42,7 +42,7 @@ class Predictor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = model_from_checkpoint(checkpoint).to(self.device,
                                                          memory_format=torch.channels_last)
-        self.precision = prepare(self.model, self.device, precision, training=False)
+        self.precision = prepare(self.model, self.device, precision)
         self.model_id = checkpoint["model_id"]
         self.model_name = checkpoint["model_name"]
         self.classes = checkpoint["classes"]

@@ -238,7 +238,7 @@ def train_loop_per_worker(loop: dict) -> None:
     loop = dict(loop, step=0, augment_config=AugmentConfig.preset(loop["augment"]),
                 preprocess_config=PreprocessConfig(**loop["preprocess"]))
     model = build_model(loop["model"], len(loop["classes"]), loop["preprocess"]["image_size"])
-    precision = prepare(model, device, loop["precision"], training=True)
+    precision = prepare(model, device, loop["precision"])
     print0(f"model {loop['model']}: {count_parameters(model):,} parameters, precision "
            f"{precision}" + (" (auto)" if loop["precision"] == "auto" else ""))
     loop["precision"] = precision

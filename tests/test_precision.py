@@ -13,36 +13,35 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only compared, never allocated on
 
 
-@pytest.mark.parametrize("native_bf16, training, expected", [
-    (True, True, "bf16-stem"), (True, False, "fp32"), (False, True, "fp32"),
-    (False, False, "fp32")])
-def test_auto_on_cpu_uses_the_bf16_stem_only_to_train_on_native_bf16(
-        monkeypatch, native_bf16, training, expected):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_is_exact_fp32_on_cpu_even_where_bf16_is_native(monkeypatch, native_bf16):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
-    assert precision.resolve("auto", CPU, training=training) == expected
+    assert precision.resolve("auto", CPU) == "fp32"
+    model = build_model("paper_cnn", 4, image_size=32)
+    assert precision.prepare(model, CPU, "auto") == "fp32"
+    assert model.bf16_stem is False
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_auto_on_gpu_is_fp16(training):
-    assert precision.resolve("auto", CUDA, training=training) == "fp16"
+def test_auto_on_gpu_is_fp16():
+    assert precision.resolve("auto", CUDA) == "fp16"
 
 
 @pytest.mark.parametrize("name", [p for p in PRECISIONS if p != "auto"])
 def test_explicit_precisions_are_kept(name):
     for device in (CPU, CUDA):
-        assert precision.resolve(name, device, training=True) == name
+        assert precision.resolve(name, device) == name
 
 
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision must be one of"):
-        precision.resolve("int8", CPU, training=True)
+        precision.resolve("int8", CPU)
 
 
 @pytest.mark.parametrize("name, stem", [("bf16-stem", True), ("fp32", False), ("bf16", False)])
 def test_prepare_sets_the_first_block_and_reports_what_it_chose(name, stem):
     model = build_model("paper_cnn", 4, image_size=32)
     model.bf16_stem = not stem
-    assert precision.prepare(model, CPU, name, training=True) == name
+    assert precision.prepare(model, CPU, name) == name
     assert model.bf16_stem is stem
 
 
@@ -53,7 +52,7 @@ def test_prepare_reaches_through_a_ddp_style_wrapper():
             self.module = module
 
     model = build_model("paper_cnn", 4, image_size=32)
-    precision.prepare(Wrapper(model), CPU, "bf16-stem", training=True)
+    precision.prepare(Wrapper(model), CPU, "bf16-stem")
     assert model.bf16_stem is True
 
 
@@ -65,9 +64,8 @@ def test_whole_model_autocast_on_cpu(name, enabled):
     assert out.dtype == (torch.bfloat16 if enabled else torch.float32)
 
 
-def test_a_model_without_a_bf16_first_block_runs_fp32(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+def test_a_model_without_a_bf16_first_block_runs_fp32():
     model = build_model("bn_cnn", 4, image_size=32)
     for name in ("auto", "bf16-stem"):
-        assert precision.prepare(model, CPU, name, training=True) == "fp32"
+        assert precision.prepare(model, CPU, name) == "fp32"
         assert model.bf16_stem is False
