@@ -17,8 +17,13 @@ import traceback
 from brainray.config import (
     AUGMENT_LEVELS,
     DEFAULT_CLASSES,
+    LR_SCHEDULES,
     MODEL_NAMES,
+    OPTIMIZERS,
     PRECISIONS,
+    RECIPE_NAMES,
+    RECIPES,
+    TTA_MODES,
     EvalConfig,
     ExplainConfig,
     ExportConfig,
@@ -51,10 +56,15 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="CPU only")
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a classifier; with no flags, on the embedded sample",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = TrainConfig.__dataclass_fields__
+_TRAIN_EXAMPLES = """examples:
+  brainray train                                   # the embedded sample, 5 epochs, a demo
+  brainray train --data /data/Training --run-dir runs/best          # the default recipe
+  brainray train --data s3://bucket/Training --run-dir s3://bucket/runs/paper --recipe paper
+  brainray train --data /data/Training --model resnet18 --weights imagenet --image-size 224
+"""
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("data and outputs")
     io.add_argument("--data", default=None,
                     help="labeled images: folder URI with one sub-folder per class, or a "
@@ -67,32 +77,84 @@ def _train_parser(sub) -> None:
                          "out of --data")
     io.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                     help="comma-separated class names = folder names, in output order")
-    m = p.add_argument_group("model and optimisation")
-    m.add_argument("--model", choices=MODEL_NAMES, default=d["model"].default,
-                   help="paper_cnn: the paper's network; bn_cnn: batch-norm + global pooling")
-    m.add_argument("--epochs", type=int, default=None,
-                   help=f"maximum epochs (default {d['epochs'].default}; {SAMPLE_EPOCHS} on the "
-                        "embedded sample, a quick demonstration)")
-    m.add_argument("--batch-size", type=int, default=d["batch_size_per_worker"].default,
-                   help="images per batch per worker")
-    m.add_argument("--lr", type=float, default=d["lr"].default, help="peak Adam learning rate")
-    m.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
-    m.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"].default,
-                   help="epochs of linear learning-rate warm-up")
-    m.add_argument("--lr-schedule", choices=("cosine", "constant"),
-                   default=d["lr_schedule"].default, help="after warm-up")
-    m.add_argument("--patience", type=int, default=d["patience"].default,
-                   help="early stopping: epochs without validation-loss improvement")
+
+
+# Flags that a recipe sets: (dest, TrainConfig field). Their default is None ("the recipe's"), so
+# that a flag given on the command line, and only that, overrides the recipe.
+_RECIPE_FLAGS = (("model", "model"), ("image_size", "image_size"), ("width", "width"),
+                 ("depth", "depth"), ("augment", "augment"), ("epochs", "epochs"),
+                 ("patience", "patience"), ("batch_size", "batch_size_per_worker"),
+                 ("optimizer", "optimizer"), ("lr", "lr"), ("weight_decay", "weight_decay"),
+                 ("warmup_epochs", "warmup_epochs"), ("lr_schedule", "lr_schedule"),
+                 ("label_smoothing", "label_smoothing"), ("ema_decay", "ema_decay"),
+                 ("tta", "tta"))
+
+
+def _recipe_help(field_name: str) -> str:
+    values = ", ".join(f"{name} {recipe[field_name]}" for name, recipe in RECIPES.items())
+    return f"(recipe: {values})"
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("recipe: model and optimisation (each flag overrides --recipe)")
+    m.add_argument("--recipe", choices=RECIPE_NAMES, default="default",
+                   help="default: the best recipe measured (README, Results); paper: the paper's "
+                        "CNN at 224 px, its augmentation, Adam 1e-3")
+    add = m.add_argument
+    add("--model", choices=MODEL_NAMES, default=None,
+        help="paper_cnn: the paper's network; bn_cnn: batch-norm + global pooling; res_cnn: a "
+             "small residual net; resnet18/resnet50/efficientnet_b0/convnext_tiny: torchvision's "
+             + _recipe_help("model"))
+    add("--image-size", type=int, default=None,
+        help="images are resized to this square size in pixels " + _recipe_help("image_size"))
+    add("--width", type=int, default=None,
+        help="channels of the first stage, doubling per stage (bn_cnn 32, res_cnn 32)")
+    add("--depth", type=int, default=None, help="residual blocks per stage (res_cnn 1)")
+    add("--weights", default=None,
+        help="initial weights of a torchvision model: 'imagenet' (torchvision's, from $TORCH_HOME "
+             "or downloaded) or a state-dict file URI (local or s3://)")
+    add("--backbone-lr-factor", type=float, default=TrainConfig.backbone_lr_factor,
+        help="with --weights: the backbone learns at lr x this, the new head at lr")
+    add("--augment", choices=AUGMENT_LEVELS, default=None,
+        help="paper: rotation 30 deg, h/v flips, zoom/crop, brightness/contrast 0.2; medium: "
+             "rotation 15, h flips, zoom 0.9-1.1, 0.15; light: rotation 10, h flips, zoom "
+             "0.95-1.05, 0.1 " + _recipe_help("augment"))
+    add("--epochs", type=int, default=None,
+        help=f"maximum epochs ({SAMPLE_EPOCHS} on the embedded sample) " + _recipe_help("epochs"))
+    add("--patience", type=int, default=None,
+        help="early stopping: epochs without validation-loss improvement "
+             + _recipe_help("patience"))
+    add("--batch-size", type=int, default=None,
+        help="images per batch per worker " + _recipe_help("batch_size_per_worker"))
+    add("--optimizer", choices=OPTIMIZERS, default=None,
+        help="adam (weight decay as L2) or adamw (decoupled) " + _recipe_help("optimizer"))
+    add("--lr", type=float, default=None, help="peak learning rate " + _recipe_help("lr"))
+    add("--weight-decay", type=float, default=None, help=_recipe_help("weight_decay"))
+    add("--warmup-epochs", type=int, default=None,
+        help="epochs of linear learning-rate warm-up " + _recipe_help("warmup_epochs"))
+    add("--lr-schedule", choices=LR_SCHEDULES, default=None,
+        help="after warm-up: cosine to 0, constant; onecycle: up over the first quarter of the "
+             "steps, then down (ignores warm-up) " + _recipe_help("lr_schedule"))
+    add("--label-smoothing", type=float, default=None,
+        help="of the training loss; validation loss stays plain cross-entropy "
+             + _recipe_help("label_smoothing"))
+    add("--ema-decay", type=float, default=None,
+        help="per-step decay of an exponential moving average of the weights, which is then "
+             "validated and shipped; 0 = off " + _recipe_help("ema_decay"))
+    add("--tta", choices=TTA_MODES, default=None,
+        help="test-time augmentation stored with the model, used by evaluate/score/export: "
+             "hflip averages the logits of the image and its mirror " + _recipe_help("tta"))
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig.__dataclass_fields__
+    m = p.add_argument_group("run")
     m.add_argument("--shuffle-buffer", type=int, default=d["shuffle_buffer_images"].default,
                    help="images per worker in the local shuffle buffer, drawn in a new order "
                         "every epoch (the train split is also shuffled once)")
-    m.add_argument("--augment", choices=AUGMENT_LEVELS, default=d["augment"].default,
-                   help="paper: rotation 30 deg, h/v flips, zoom/crop, brightness/contrast 0.2")
     m.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
                    help="auto: fp16 AMP on GPU, fp32 on CPU; bf16-stem: bf16 for paper_cnn's first "
                         "block only (faster on CPUs with native bf16; README, Performance)")
-    m.add_argument("--image-size", type=int, default=PreprocessConfig.image_size,
-                   help="images are resized to this square size in pixels")
     m.add_argument("--seed", type=int, default=d["seed"].default,
                    help="seeds the split, shuffling, augmentation and initialisation")
     s = p.add_argument_group("split")
@@ -101,6 +163,10 @@ def _train_parser(sub) -> None:
     s.add_argument("--dedup-max-hamming", type=int, default=d["dedup_max_hamming"].default,
                    help="images whose 64-bit perceptual hashes differ in at most this many bits "
                         "are near-duplicates and stay in one split")
+    s.add_argument("--dedup-min-similarity", type=float,
+                   default=d["dedup_min_similarity"].default,
+                   help="> 0: also keep images whose 32x32 thumbnails are at least this "
+                        "cosine-similar in one split (stricter; e.g. 0.99)")
     c = p.add_argument_group("workers")
     c.add_argument("--num-workers", type=int, default=d["num_workers"].default,
                    help="Ray Train (DDP) workers")
@@ -114,6 +180,18 @@ def _train_parser(sub) -> None:
     t.add_argument("--target-accuracy", type=float, default=d["target_accuracy"].default,
                    help="the review threshold stored with the model is the smallest calibrated "
                         "confidence whose accepted validation images reach this accuracy")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a classifier; with no flags, on the embedded sample",
+                       description="Train a tumor classifier on labeled MRI slices with Ray "
+                                   "Train, then calibrate it and write a complete run: model, "
+                                   "metrics, plots, model card.",
+                       epilog=_TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data_flags(p)
+    _add_recipe_flags(p)
+    _add_run_flags(p)
     _add_cluster_flags(p)
     _add_storage_flags(p)
 
@@ -220,10 +298,15 @@ def _storage(args):
     return storage_options(args.s3_endpoint, args.s3_region)
 
 
-def _epochs(args) -> int:
-    if args.epochs is not None:
-        return args.epochs
-    return SAMPLE_EPOCHS if args.data is None else TrainConfig.epochs
+def _recipe_fields(args) -> dict:
+    """The recipe's fields with every flag given on the command line in place of its value."""
+    fields = dict(RECIPES[args.recipe])
+    for dest, field_name in _RECIPE_FLAGS:
+        if getattr(args, dest) is not None:
+            fields[field_name] = getattr(args, dest)
+    if args.data is None and args.epochs is None:
+        fields["epochs"] = SAMPLE_EPOCHS  # the embedded sample is a demonstration
+    return fields
 
 
 def train_config(args) -> TrainConfig:
@@ -231,20 +314,20 @@ def train_config(args) -> TrainConfig:
 
     run_dir = args.run_dir or os.path.join(
         "runs", dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"))
+    recipe = _recipe_fields(args)
+    image_size = recipe.pop("image_size")
     return TrainConfig(
         data=args.data or sample_data_dir(), run_dir=run_dir, test_data=args.test_data,
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-        model=args.model, epochs=_epochs(args), batch_size_per_worker=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-        lr_schedule=args.lr_schedule, patience=args.patience, augment=args.augment,
-        shuffle_buffer_images=args.shuffle_buffer,
+        recipe=args.recipe, **recipe, weights=args.weights,
+        backbone_lr_factor=args.backbone_lr_factor, shuffle_buffer_images=args.shuffle_buffer,
         num_workers=args.num_workers, use_gpu=bool(args.use_gpu),
         cpus_per_worker=args.cpus_per_worker, torch_threads=args.torch_threads,
         precision=args.precision, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        dedup_max_hamming=args.dedup_max_hamming, max_failures=args.max_failures,
-        preprocess=PreprocessConfig(image_size=args.image_size), storage=_storage(args),
+        dedup_max_hamming=args.dedup_max_hamming,
+        dedup_min_similarity=args.dedup_min_similarity, max_failures=args.max_failures,
+        preprocess=PreprocessConfig(image_size=image_size), storage=_storage(args),
         target_accuracy=args.target_accuracy)
 
 

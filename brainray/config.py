@@ -28,9 +28,19 @@ COL_GROUP = "group"
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp")
 
-MODEL_NAMES: tuple[str, ...] = ("paper_cnn", "bn_cnn")
+# paper_cnn, bn_cnn and res_cnn are brainray's (brainray.model); the rest are torchvision's
+# builders (brainray.backbones), trained from scratch or fine-tuned from --weights.
+TORCHVISION_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny")
+MODEL_NAMES: tuple[str, ...] = ("paper_cnn", "bn_cnn", "res_cnn", *TORCHVISION_MODELS)
+# The size arguments each architecture lets a run set (TrainConfig.width / depth).
+ARCHITECTURE_KEYS: dict[str, tuple[str, ...]] = {
+    "paper_cnn": (), "bn_cnn": ("width",), "res_cnn": ("width", "depth"),
+    **{name: () for name in TORCHVISION_MODELS}}
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "bf16-stem")
-AUGMENT_LEVELS: tuple[str, ...] = ("paper", "light", "none")
+AUGMENT_LEVELS: tuple[str, ...] = ("paper", "medium", "light", "none")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+LR_SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
+TTA_MODES: tuple[str, ...] = ("none", "hflip")
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,9 @@ class AugmentConfig:
         if level == "light":
             return cls(rotation_deg=10.0, vflip_prob=0.0, zoom_min=0.95, zoom_max=1.05,
                        translate_fraction=0.03, brightness=0.1, contrast=0.1)
+        if level == "medium":
+            return cls(rotation_deg=15.0, vflip_prob=0.0, zoom_min=0.9, zoom_max=1.1,
+                       translate_fraction=0.05, brightness=0.15, contrast=0.15)
         if level == "paper":
             return cls()
         raise ValueError(f"unknown augmentation level {level!r}; choose one of {AUGMENT_LEVELS}")
@@ -80,24 +93,61 @@ class StorageOptions:
     s3_region: str | None = None
 
 
+# Named training recipes (`brainray train --recipe NAME`). Each sets every field below (image_size
+# is preprocess.image_size); a flag given on the command line still overrides it. "default" is
+# the best recipe of the study in the README (Results) and TrainConfig's defaults; "paper" is the
+# paper's setup: its CNN at 224 px, its augmentation, Adam at Keras' default 1e-3, constant rate,
+# early stopping.
+RECIPES: dict[str, dict] = {
+    "default": {"model": "bn_cnn", "image_size": 128, "width": None, "depth": None,
+                "augment": "light", "epochs": 30, "patience": 10, "batch_size_per_worker": 32,
+                "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "warmup_epochs": 1,
+                "lr_schedule": "cosine", "label_smoothing": 0.0, "ema_decay": 0.0,
+                "tta": "none"},
+    "paper": {"model": "paper_cnn", "image_size": 224, "width": None, "depth": None,
+              "augment": "paper", "epochs": 30, "patience": 6, "batch_size_per_worker": 32,
+              "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0,
+              "lr_schedule": "constant", "label_smoothing": 0.0, "ema_decay": 0.0,
+              "tta": "none"},
+}
+RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)
+_DEFAULT = RECIPES["default"]
+
+
+def _default_preprocess() -> PreprocessConfig:
+    return PreprocessConfig(image_size=_DEFAULT["image_size"])
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run. Saved as config.json in the run directory."""
+    """Everything that defines a training run. Saved as config.json in the run directory.
+
+    The defaults are the "default" recipe (RECIPES).
+    """
 
     data: str  # folder URI (one sub-folder per class) or a CSV/Parquet manifest with path,label
     run_dir: str  # local path or s3:// prefix; relaunching with the same run_dir resumes
     test_data: str | None = None  # held-out labeled data; otherwise a test split is carved out
     classes: tuple[str, ...] = DEFAULT_CLASSES
-    model: str = "paper_cnn"
-    epochs: int = 30
-    batch_size_per_worker: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_epochs: int = 1
-    lr_schedule: str = "cosine"  # "cosine" decays to 0 over `epochs`; "constant"
-    patience: int = 6  # epochs without validation-loss improvement before stopping
+    recipe: str = "default"  # the RECIPES entry the fields below started from
+    model: str = _DEFAULT["model"]
+    width: int | None = _DEFAULT["width"]  # channels of the first stage (bn_cnn, res_cnn)
+    depth: int | None = _DEFAULT["depth"]  # residual blocks per stage (res_cnn)
+    weights: str | None = None  # initial weights of a torchvision model: "imagenet" or a URI
+    backbone_lr_factor: float = 0.1  # with weights: backbone lr = lr x this (the head gets lr)
+    epochs: int = _DEFAULT["epochs"]
+    batch_size_per_worker: int = _DEFAULT["batch_size_per_worker"]
+    optimizer: str = _DEFAULT["optimizer"]  # "adam" (L2 weight decay) or "adamw" (decoupled)
+    lr: float = _DEFAULT["lr"]
+    weight_decay: float = _DEFAULT["weight_decay"]
+    warmup_epochs: int = _DEFAULT["warmup_epochs"]
+    lr_schedule: str = _DEFAULT["lr_schedule"]  # after warm-up: cosine to 0, one-cycle, constant
+    label_smoothing: float = _DEFAULT["label_smoothing"]  # training loss only
+    ema_decay: float = _DEFAULT["ema_decay"]  # 0 = off; else validate and keep the weights' EMA
+    tta: str = _DEFAULT["tta"]  # test-time augmentation at inference: "none" or "hflip"
+    patience: int = _DEFAULT["patience"]  # epochs without val-loss improvement before stopping
     shuffle_buffer_images: int = 1000  # per-worker local shuffle buffer (x 50 KB at 224 px)
-    augment: str = "paper"
+    augment: str = _DEFAULT["augment"]
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -107,18 +157,41 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     dedup_max_hamming: int = DEFAULT_MAX_HAMMING
+    # > 0: also link images whose 32x32 thumbnails have at least this cosine similarity
+    # (brainray.split.link_similar), a stricter grouping than the perceptual hash alone
+    dedup_min_similarity: float = 0.0
     max_failures: int = 2
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    preprocess: PreprocessConfig = field(default_factory=_default_preprocess)
     storage: StorageOptions = field(default_factory=StorageOptions)
     # abstention: the review threshold is chosen on validation for this accepted-set accuracy
     target_accuracy: float = 0.99
 
+    @property
+    def architecture(self) -> dict:
+        """The model's size arguments that this run sets (brainray.model.build_model)."""
+        return {k: v for k, v in (("width", self.width), ("depth", self.depth)) if v is not None}
+
     def __post_init__(self) -> None:
         checks = [
+            (self.recipe in RECIPES, f"recipe must be one of {RECIPE_NAMES}"),
             (self.model in MODEL_NAMES, f"model must be one of {MODEL_NAMES}"),
+            (set(self.architecture) <= set(ARCHITECTURE_KEYS.get(self.model, ())),
+             f"model {self.model} takes only {ARCHITECTURE_KEYS.get(self.model) or 'no'} "
+             "size arguments (--width, --depth)"),
+            (all(1 <= v <= 1024 for v in self.architecture.values()),
+             "width and depth must be in [1, 1024]"),
+            (self.weights is None or self.model in TORCHVISION_MODELS,
+             f"--weights needs a torchvision model ({', '.join(TORCHVISION_MODELS)})"),
             (self.augment in AUGMENT_LEVELS, f"augment must be one of {AUGMENT_LEVELS}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be cosine or constant"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
+            (self.tta in TTA_MODES, f"tta must be one of {TTA_MODES}"),
+            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+            (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1) (0 = off)"),
+            (0 < self.backbone_lr_factor <= 1, "backbone lr factor must be in (0, 1]"),
+            (0 <= self.dedup_min_similarity <= 1, "dedup min similarity must be in [0, 1]"),
+            (self.warmup_epochs >= 0, "warmup epochs must be >= 0"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.preprocess.image_size >= 8, "image size must be >= 8 pixels to train"),
             (self.batch_size_per_worker >= 1, "batch size must be >= 1"),
@@ -137,6 +210,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def recipe_overrides(self) -> dict:
+        """The recipe fields this run sets differently from its recipe (flags given)."""
+        values = {**to_dict(self), "image_size": self.preprocess.image_size}
+        return {k: values[k] for k, v in RECIPES[self.recipe].items() if values[k] != v}
 
     @property
     def split_fractions(self) -> dict[str, float]:

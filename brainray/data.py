@@ -34,7 +34,7 @@ from brainray.config import (
     PreprocessConfig,
     StorageOptions,
 )
-from brainray.transforms import ImageDecodeError, decode_image, preprocess_image
+from brainray.transforms import ImageDecodeError, decode_image, preprocess_image, to_8bit
 
 INDEX_COLUMNS = [COL_PATH, COL_LABEL, COL_SHA256, COL_FINGERPRINT, COL_THUMBNAIL, COL_ERROR]
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -86,7 +86,9 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
             label, error = _label_from_manifest(str(batch[COL_LABEL_NAME][i]), classes)
         if not error:
             try:
-                image = decode_image(data, preprocess.max_image_pixels)
+                # Fingerprints and thumbnails see the 8-bit image the model sees: hashing raw
+                # 16-bit values clips them, and every bright slice would hash alike.
+                image = to_8bit(decode_image(data, preprocess.max_image_pixels))
                 images[i] = preprocess_image(image, preprocess)
                 fingerprints[i] = splitting.image_fingerprint(image)
                 thumbnails[i] = baseline.thumbnail(image)
@@ -173,11 +175,14 @@ def load_labeled(uri: str, classes: list[str], preprocess: PreprocessConfig,
 
 
 def assign_splits(index: pd.DataFrame, fractions: dict[str, float], seed: int,
-                  max_hamming: int, held_out: pd.DataFrame | None = None) -> pd.DataFrame:
+                  max_hamming: int, held_out: pd.DataFrame | None = None,
+                  min_similarity: float = 0.0) -> pd.DataFrame:
     """Add `group` and `split` columns to the usable rows of `index` (sorted by path).
 
-    Exact and near-duplicates share a group and so a split. With `held_out` (a user-given test
-    set), training rows that duplicate any held-out image are marked split "dropped_test_overlap".
+    Exact and near-duplicates share a group and so a split; with `min_similarity` > 0, so do
+    images whose thumbnails are at least that similar (`split.link_similar`). With `held_out` (a
+    user-given test set), training rows that duplicate any held-out image are marked split
+    "dropped_test_overlap".
     """
     usable = index[index[COL_ERROR] == ""].reset_index(drop=True)
     frames = [usable] if held_out is None else [
@@ -186,6 +191,9 @@ def assign_splits(index: pd.DataFrame, fractions: dict[str, float], seed: int,
     groups = splitting.group_duplicates(combined[COL_SHA256].tolist(),
                                         combined[COL_FINGERPRINT].astype(np.uint64).tolist(),
                                         max_hamming)
+    if min_similarity > 0:
+        groups = splitting.link_similar(groups, np.stack(combined[COL_THUMBNAIL].to_numpy()),
+                                        min_similarity)
     usable = usable.assign(**{COL_GROUP: groups[:len(usable)]})
     usable[COL_SPLIT] = splitting.stratified_group_split(
         usable[COL_LABEL].to_numpy(), usable[COL_GROUP].to_numpy(), fractions, seed)

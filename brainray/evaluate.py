@@ -28,8 +28,10 @@ from brainray.predict import COL_PROBS, Predictor, load_checkpoint, resolve_chec
 
 def predict_labeled(dataset: ray.data.Dataset, paths, model_uri: str, options: StorageOptions,
                     batch_size: int = 64, num_actors: int = 1,
-                    use_gpu: bool = False) -> pd.DataFrame:
+                    use_gpu: bool = False, tta: str | None = None) -> pd.DataFrame:
     """Per-image path, true label and class probabilities (small: the images stay in Ray).
+
+    `tta` overrides the checkpoint's test-time augmentation ("none" or "hflip").
 
     `paths=None` scores every row of `dataset`, which must hold just path, image and label (a
     split from `materialize_splits`): filtering it again would copy every image once more.
@@ -38,7 +40,8 @@ def predict_labeled(dataset: ray.data.Dataset, paths, model_uri: str, options: S
                                                      columns=(COL_PATH, COL_IMAGE, COL_LABEL))
     predicted = rows.map_batches(
         Predictor, batch_size=batch_size,
-        fn_constructor_kwargs={"model_uri": model_uri, "options": options, "use_gpu": use_gpu},
+        fn_constructor_kwargs={"model_uri": model_uri, "options": options, "use_gpu": use_gpu,
+                               "tta": tta},
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0)
     frame = predicted.select_columns([COL_PATH, COL_LABEL, COL_PROBS]).to_pandas()
     return frame.sort_values(COL_PATH, kind="stable").reset_index(drop=True)

@@ -33,6 +33,12 @@ from brainray.transforms import to_model_input
 FILE_LIST_SUFFIXES = (".txt", ".lst")
 
 
+def cam_layer(model: nn.Module) -> nn.Module:
+    """The layer whose feature map Grad-CAM weighs: the model's own choice (torchvision models
+    name their last stage), else its last convolution."""
+    return getattr(model, "cam_layer", None) or last_conv(model)
+
+
 def last_conv(model: nn.Module) -> nn.Conv2d:
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -53,7 +59,7 @@ class GradCam:
             if hasattr(module, "inplace"):
                 module.inplace = False
         self.temperature = float(temperature)
-        self.layer = last_conv(self.model)
+        self.layer = cam_layer(self.model)
         self._activations: torch.Tensor | None = None
         self._gradients: torch.Tensor | None = None
         self.layer.register_forward_hook(self._keep_activations)

@@ -27,8 +27,9 @@ from torch import nn
 
 from brainray import storage
 from brainray.config import ExportConfig
-from brainray.model import model_from_checkpoint, temperature_of
+from brainray.model import model_from_checkpoint, temperature_of, tta_of
 from brainray.predict import load_checkpoint
+from brainray.transforms import inference_views
 
 TORCHSCRIPT_FILE = "model.ts"
 ONNX_FILE = "model.onnx"
@@ -38,13 +39,15 @@ ONNX_OPSET = 17
 class CalibratedClassifier(nn.Module):
     """A model plus its temperature and softmax: images in [0, 1] -> calibrated probabilities."""
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: str = "none"):
         super().__init__()
         self.model = model
+        self.tta = tta  # fixed when traced: the exported graph holds every view
         self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image) * self.inv_temperature, dim=1)
+        logits = torch.stack([self.model(view) for view in inference_views(image, self.tta)])
+        return torch.softmax(logits.mean(0) * self.inv_temperature, dim=1)
 
 
 def calibrated_module(checkpoint: dict) -> CalibratedClassifier:
@@ -52,7 +55,7 @@ def calibrated_module(checkpoint: dict) -> CalibratedClassifier:
     for module in model.modules():  # in-place ops are fine in eval, but plainer graphs export
         if hasattr(module, "inplace"):
             module.inplace = False
-    return CalibratedClassifier(model, temperature_of(checkpoint)).eval()
+    return CalibratedClassifier(model, temperature_of(checkpoint), tta_of(checkpoint)).eval()
 
 
 def example_input(checkpoint: dict, batch: int = 2) -> torch.Tensor:
@@ -113,7 +116,10 @@ def export_metadata(checkpoint: dict, files: list[str]) -> dict:
                   "range": [0.0, 1.0], "channels": "gray (8-bit luma) copied to 3 channels",
                   "resize": "bilinear to S x S, aspect ratio not kept"},
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", "classes"],
-                   "meaning": "calibrated class probabilities softmax(logits / temperature)"},
+                   "meaning": "calibrated class probabilities softmax(logits / temperature); "
+                              "with test_time_augmentation hflip the logits are the mean over "
+                              "the image and its left-right mirror, inside the exported graph"},
+        "test_time_augmentation": tta_of(checkpoint),
         "files": files,
     }
 

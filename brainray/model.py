@@ -7,6 +7,7 @@ else is needed to score.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -14,7 +15,14 @@ import itertools
 import torch
 from torch import nn
 
-from brainray.config import MODEL_NAMES, PreprocessConfig
+from brainray.backbones import TorchvisionNet
+from brainray.config import (
+    ARCHITECTURE_KEYS,
+    MODEL_NAMES,
+    TORCHVISION_MODELS,
+    TTA_MODES,
+    PreprocessConfig,
+)
 
 CHECKPOINT_FORMAT = "brainray-checkpoint-v1"
 _REQUIRED_FIELDS = ("model_name", "model_id", "classes", "preprocess", "state_dict")
@@ -108,9 +116,10 @@ class BNCNN(_Network):
     # bf16 measured no faster (README, Performance).
     stem_layers = 0
 
-    def __init__(self, num_classes: int, image_size: int = 224, dropout: float = 0.3):
+    def __init__(self, num_classes: int, image_size: int = 224, width: int = 32,
+                 dropout: float = 0.3):
         super().__init__()
-        widths = [32, 64, 128, 256]
+        widths = [width, 2 * width, 4 * width, 8 * width]
         stages: list[nn.Module] = [_conv_bn(3, widths[0], stride=2), _conv_bn(widths[0], widths[0]),
                                    nn.MaxPool2d(2)]
         for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)):
@@ -122,14 +131,72 @@ class BNCNN(_Network):
                                         nn.Linear(widths[-1], num_classes))
 
 
-_MODELS = {"paper_cnn": PaperCNN, "bn_cnn": BNCNN}
-assert set(_MODELS) == set(MODEL_NAMES)
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv-BN with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
 
 
-def build_model(name: str, num_classes: int, image_size: int = 224) -> nn.Module:
+class ResCNN(_Network):
+    """A small residual net for small data: a stride-2 conv-BN stem, four stages of `depth` basic
+    blocks (widths w, 2w, 4w, 8w; each later stage halves the resolution), global average pooling.
+
+    At depth 1 it has bn_cnn's convolutions plus shortcuts, with strided convolutions in place of
+    max-pooling; ResNet-18's stages are this at width 64, depth 2, behind a 4x-downsampling stem.
+    """
+
+    stem_layers = 0
+
+    def __init__(self, num_classes: int, image_size: int = 224, width: int = 32, depth: int = 1,
+                 dropout: float = 0.2):
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        blocks: list[nn.Module] = [_conv_bn(3, width, stride=2)]
+        c_in = width
+        for stage, c_out in enumerate(widths):
+            for block in range(depth):
+                blocks.append(BasicBlock(c_in, c_out, stride=2 if stage and not block else 1))
+                c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                        nn.Linear(widths[-1], num_classes))
+
+
+_MODELS = {"paper_cnn": PaperCNN, "bn_cnn": BNCNN, "res_cnn": ResCNN,
+           **{name: functools.partial(TorchvisionNet, name) for name in TORCHVISION_MODELS}}
+assert set(_MODELS) == set(MODEL_NAMES) == set(ARCHITECTURE_KEYS)
+
+
+def check_architecture(name: str, architecture: dict | None) -> dict:
+    """The architecture arguments `name` accepts, validated; a clear error for anything else."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
-    return _MODELS[name](num_classes=num_classes, image_size=image_size)
+    architecture = {k: v for k, v in (architecture or {}).items() if v is not None}
+    unknown = sorted(set(architecture) - set(ARCHITECTURE_KEYS[name]))
+    if unknown:
+        allowed = ", ".join(ARCHITECTURE_KEYS[name]) or "none"
+        raise ValueError(f"model {name} does not take {', '.join(unknown)} (it takes: {allowed})")
+    for key, value in architecture.items():
+        if not (isinstance(value, int) and 1 <= value <= 1024):
+            raise ValueError(f"{key} must be an integer in [1, 1024], not {value!r}")
+    return architecture
+
+
+def build_model(name: str, num_classes: int, image_size: int = 224,
+                architecture: dict | None = None) -> nn.Module:
+    architecture = check_architecture(name, architecture)
+    return _MODELS[name](num_classes=num_classes, image_size=image_size, **architecture)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -152,11 +219,14 @@ def weights_id(state_dict: dict[str, torch.Tensor]) -> str:
 
 def make_checkpoint(model: nn.Module, *, model_name: str, classes: list[str] | tuple[str, ...],
                     preprocess: PreprocessConfig, config: dict, metrics: dict,
-                    epoch: int) -> dict:
+                    epoch: int, architecture: dict | None = None, **fields) -> dict:
+    """`fields`: further plain values (test_time_augmentation, initial_weights, ...)."""
     state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
     return {
+        **fields,
         "format": CHECKPOINT_FORMAT,
         "model_name": model_name,
+        "architecture": check_architecture(model_name, architecture),
         "model_id": weights_id(state),
         "classes": list(classes),
         "preprocess": {"image_size": preprocess.image_size,
@@ -190,6 +260,10 @@ def deserialize(data: bytes, source: str = "checkpoint",
         raise CheckpointError(f"{source} is an incomplete checkpoint: missing {missing}")
     if checkpoint["model_name"] not in _MODELS:
         raise CheckpointError(f"{source} names unknown model {checkpoint['model_name']!r}")
+    try:
+        check_architecture(checkpoint["model_name"], checkpoint.get("architecture"))
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
     if expected_classes is not None and list(expected_classes) != checkpoint["classes"]:
         raise CheckpointError(f"{source} was trained on classes {checkpoint['classes']}, "
                               f"not {list(expected_classes)}")
@@ -201,7 +275,7 @@ def deserialize(data: bytes, source: str = "checkpoint",
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
     """An eval-mode model with the checkpoint's weights, on the CPU."""
     model = build_model(checkpoint["model_name"], len(checkpoint["classes"]),
-                        checkpoint["preprocess"]["image_size"])
+                        checkpoint["preprocess"]["image_size"], checkpoint.get("architecture"))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -223,6 +297,14 @@ def temperature_of(checkpoint: dict) -> float:
     value = float(value)
     if not (value > 0 and value < float("inf")):
         raise CheckpointError(f"checkpoint temperature must be a positive number, not {value}")
+    return value
+
+
+def tta_of(checkpoint: dict) -> str:
+    """The test-time augmentation inference applies ("none" or "hflip"; "none" when absent)."""
+    value = checkpoint.get("test_time_augmentation") or "none"
+    if value not in TTA_MODES:
+        raise CheckpointError(f"checkpoint names unknown test-time augmentation {value!r}")
     return value
 
 

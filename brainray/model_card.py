@@ -110,10 +110,47 @@ def _metrics_section(metrics: Mapping) -> list[str]:
                       f"accuracy {_pct(baseline['accuracy'])}, macro F1 "
                       f"{_num(baseline.get('macro_f1'))}. A gap to it is what the network "
                       "adds over memorising near-duplicates."]
+    lines += _leakage_lines(metrics.get("near_duplicates"))
+    plain = metrics.get("without_tta")
+    if plain:
+        lines += ["", f"Without test-time augmentation ({metrics.get('test_time_augmentation')}) "
+                      f"the same model scores accuracy {_pct(plain['accuracy'])}, macro F1 "
+                      f"{_num(plain.get('macro_f1'))}."]
     if n < 100:
         lines += ["", f"*The test split has only {n} images: these numbers measure little; "
                       "see the confidence intervals.*"]
     return lines + [""]
+
+
+def _leakage_lines(leakage: Mapping | None) -> list[str]:
+    """How close the test images still are to training images, beside the 1-NN baseline."""
+    if not leakage or not leakage.get("n_images"):
+        return []
+    return ["", f"Near-duplication left across the split ({leakage.get('method')}): median "
+                f"{_num(leakage.get('median'))}; {_pct(leakage.get('share_above_0.95'))} of the "
+                f"test images are above 0.95 and {_pct(leakage.get('share_above_0.99'))} above "
+                "0.99 (thumbnails of re-encoded copies reach 0.99 or more; plain cosine of "
+                "MRI thumbnails is high for unrelated slices too, so 0.95 is a loose bound)."]
+
+
+def _training_line(config: Mapping, metrics: Mapping, history: list) -> str:
+    ema = config.get("ema_decay") or 0
+    initial = metrics.get("initial_weights")
+    return (f"- Recipe `{metrics.get('recipe', config.get('recipe', 'n/a'))}`"
+            + (f" (overridden: {metrics['recipe_overrides']})"
+               if metrics.get("recipe_overrides") else "")
+            + f". Best epoch {metrics.get('best_epoch', 'n/a')} of {len(history)} trained "
+            f"(early stopping on validation loss, patience {config.get('patience', 'n/a')}); "
+            f"seed {config.get('seed', 'n/a')}; {config.get('optimizer', 'adam')}, lr "
+            f"{config.get('lr', 'n/a')} ({config.get('lr_schedule', 'n/a')}), weight decay "
+            f"{config.get('weight_decay', 'n/a')}, label smoothing "
+            f"{config.get('label_smoothing', 0)}, "
+            + (f"EMA of the weights (decay {ema}) shipped" if ema else "no EMA")
+            + f", test-time augmentation {metrics.get('test_time_augmentation', 'none')}; batch "
+            f"{config.get('batch_size_per_worker', 'n/a')} x {config.get('num_workers', 'n/a')} "
+            f"worker(s); precision {_precision(config, history)}; initial weights "
+            + (f"{initial['source']} (sha256 {initial['sha256']})" if initial
+               else "random (trained from scratch)") + ".")
 
 
 def _calibration_section(metrics: Mapping) -> list[str]:
@@ -195,7 +232,10 @@ def _architecture_line(metrics: Mapping) -> str:
     name = metrics.get("model_name", metrics.get("config", {}).get("model", "n/a"))
     params = metrics.get("n_parameters")
     size = f", {params:,} parameters" if isinstance(params, int) else ""
-    return f"- Architecture: `{name}`{size}; classes {', '.join(metrics.get('classes', []))}."
+    arch = metrics.get("architecture") or {}
+    shape = (" (" + ", ".join(f"{k} {v}" for k, v in arch.items()) + ")") if arch else ""
+    return (f"- Architecture: `{name}`{shape}{size}; classes "
+            f"{', '.join(metrics.get('classes', []))}.")
 
 
 def _precision(config: Mapping, history: list) -> str:
@@ -215,11 +255,7 @@ def render_model_card(metrics: Mapping) -> str:
              _architecture_line(metrics),
              f"- `model_id` {metrics.get('model_id', 'n/a')} (hash of the weights; every score "
              "row carries it).",
-             f"- Best epoch {metrics.get('best_epoch', 'n/a')} of {len(history)} trained "
-             f"(early stopping on validation loss, patience {config.get('patience', 'n/a')}); "
-             f"seed {config.get('seed', 'n/a')}; Adam, lr {config.get('lr', 'n/a')}, batch "
-             f"{config.get('batch_size_per_worker', 'n/a')} x {config.get('num_workers', 'n/a')} "
-             f"worker(s); precision {_precision(config, history)}.", "",
+             _training_line(config, metrics, history), "",
              "## Intended use", "", INTENDED_USE, "",
              "Out of scope: diagnosis, treatment decisions, screening of patients, any use "
              "without a qualified reader reviewing every image; images that are not axial, "

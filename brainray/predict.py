@@ -10,9 +10,9 @@ import torch
 
 from brainray import storage
 from brainray.config import COL_IMAGE, StorageOptions
-from brainray.model import deserialize, model_from_checkpoint, temperature_of
+from brainray.model import deserialize, model_from_checkpoint, temperature_of, tta_of
 from brainray.precision import autocast_for, prepare
-from brainray.transforms import to_model_input
+from brainray.transforms import inference_views, to_model_input
 
 COL_PROBS = "probs"
 
@@ -37,7 +37,7 @@ class Predictor:
     """Holds one model per Ray actor; `__call__` maps a batch of uint8 images to probabilities."""
 
     def __init__(self, model_uri: str, options: StorageOptions, use_gpu: bool = False,
-                 precision: str = "auto"):
+                 precision: str = "auto", tta: str | None = None):
         checkpoint = load_checkpoint(model_uri, options)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = model_from_checkpoint(checkpoint).to(self.device,
@@ -48,13 +48,17 @@ class Predictor:
         self.classes = checkpoint["classes"]
         # Calibration and guards stored after training; absent in older checkpoints (T = 1).
         self.temperature = temperature_of(checkpoint)
+        # The checkpoint's test-time augmentation unless the caller asks for another (the
+        # training report also scores the test split without it, to show what it adds).
+        self.tta = tta_of(checkpoint) if tta is None else tta
         self.review_threshold = checkpoint.get("review_threshold")
         self.ood_reference = checkpoint.get("ood_reference")
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
         with torch.inference_mode(), autocast_for(self.device, self.precision):
-            logits = self.model(x)
+            logits = torch.stack([self.model(view).float()
+                                  for view in inference_views(x, self.tta)]).mean(0)
         return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -178,6 +178,67 @@ def group_duplicates(
     return _renumber_by_first_member(roots)
 
 
+# The stricter grouping's guard against chaining: only mutual nearest neighbours are linked
+# (each among the other's SIMILAR_NEIGHBOURS most similar images), strongest links first, and no
+# link may grow a group past MAX_LINKED_GROUP images (the perceptual hash's largest group on the
+# shared data is 44: one slice re-encoded many times).
+SIMILAR_NEIGHBOURS = 3
+MAX_LINKED_GROUP = 50
+_SIM_CHUNK = 1024
+
+
+def similar_pairs(thumbnails: np.ndarray, min_similarity: float,
+                  neighbours: int = SIMILAR_NEIGHBOURS) -> tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]:
+    """(i, j, similarity) of mutual nearest neighbours whose thumbnails' cosine similarity is at
+    least `min_similarity`, i < j, strongest first."""
+    n = len(thumbnails)
+    k = min(neighbours, n - 1)
+    if k < 1:
+        empty = np.empty(0, dtype=np.intp)
+        return empty, empty, np.empty(0, dtype=np.float32)
+    x = thumbnails.reshape(n, -1).astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    top = np.empty((n, k), dtype=np.intp)
+    top_sim = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, _SIM_CHUNK):
+        sims = x[start:start + _SIM_CHUNK] @ x.T
+        rows = np.arange(len(sims))
+        sims[rows, start + rows] = -np.inf  # not its own neighbour
+        top[start:start + len(sims)] = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top_sim[start:start + len(sims)] = np.take_along_axis(sims, top[start:start + len(sims)],
+                                                              axis=1)
+    neighbour_sets = [set(row) for row in top.tolist()]
+    i = np.repeat(np.arange(n), k)
+    j, sim = top.ravel(), top_sim.ravel()
+    keep = (sim >= min_similarity) & (i < j)
+    keep &= np.fromiter((a in neighbour_sets[b] for a, b in zip(i, j, strict=True)), bool,
+                        count=len(i))
+    order = np.argsort(-sim[keep], kind="stable")
+    return i[keep][order], j[keep][order], sim[keep][order]
+
+
+def link_similar(groups: np.ndarray, thumbnails: np.ndarray, min_similarity: float,
+                 max_group_size: int = MAX_LINKED_GROUP) -> np.ndarray:
+    """`groups` with the groups of similar images (`similar_pairs`) merged, never past
+    `max_group_size` images per merge; renumbered by first member like `group_duplicates`."""
+    groups = np.asarray(groups)
+    uf = _UnionFind(len(groups))
+    first_of_group: dict[int, int] = {}
+    for index, group in enumerate(groups.tolist()):
+        uf.union(first_of_group.setdefault(group, index), index)
+    size = np.zeros(len(groups), dtype=np.int64)
+    np.add.at(size, [uf.find(index) for index in range(len(groups))], 1)
+    for a, b in zip(*similar_pairs(thumbnails, min_similarity)[:2], strict=True):
+        ra, rb = uf.find(int(a)), uf.find(int(b))
+        if ra != rb and size[ra] + size[rb] <= max_group_size:
+            uf.union(ra, rb)
+            size[uf.find(ra)] = size[ra] + size[rb]
+    roots = np.fromiter((uf.find(i) for i in range(len(groups))), dtype=np.int64,
+                        count=len(groups))
+    return _renumber_by_first_member(roots)
+
+
 def _validate_fractions(fractions: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
     names = list(fractions)
     if not names:

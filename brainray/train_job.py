@@ -6,6 +6,7 @@ checkpoints, model.pt (the best model), metrics.json, predictions.parquet and th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import posixpath
 import time
@@ -16,7 +17,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from brainray import baseline, calibration, ood, storage
+from brainray import backbones, baseline, calibration, ood, storage
 from brainray import metrics as metric_fns
 from brainray import split as splitting
 from brainray.config import (
@@ -48,14 +49,18 @@ from brainray.model import (
     deserialize,
     model_from_checkpoint,
     serialize,
+    tta_of,
     with_fields,
 )
 from brainray.model_card import render_model_card
 from brainray.train import MODEL_FILE, TRAIN_STATE_FILE, train_loop_per_worker
 
 # Changing these on a relaunch would silently train a different experiment under the same name.
-_RESUME_MUST_MATCH = ("data", "test_data", "classes", "model", "seed", "val_fraction",
-                      "test_fraction", "dedup_max_hamming", "preprocess")
+_RESUME_MUST_MATCH = ("data", "test_data", "classes", "model", "width", "depth", "weights", "seed",
+                      "val_fraction", "test_fraction", "dedup_max_hamming",
+                      "dedup_min_similarity", "preprocess")
+# A config.json written before a field existed ran with that field's default.
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _check_resume(config: TrainConfig) -> None:
@@ -64,7 +69,8 @@ def _check_resume(config: TrainConfig) -> None:
         return
     previous = storage.read_json(uri, config.storage)
     current = storage.redact_values(to_dict(config))
-    changed = [k for k in _RESUME_MUST_MATCH if previous.get(k) != current.get(k)]
+    changed = [k for k in _RESUME_MUST_MATCH
+               if previous.get(k, _FIELD_DEFAULTS.get(k)) != current.get(k)]
     if changed:
         raise ValueError(f"{storage.redact(config.run_dir)} holds a run with different "
                          f"{', '.join(changed)}; use a new --run-dir or the same settings")
@@ -82,8 +88,12 @@ def _run_config(config: TrainConfig) -> ray.train.RunConfig:
         failure_config=ray.train.FailureConfig(max_failures=config.max_failures))
 
 
-def _loop_config(config: TrainConfig, n_train: int) -> dict:
-    return {**to_dict(config), "config": to_dict(config), "n_train": n_train}
+def _loop_config(config: TrainConfig, n_train: int, initial_weights=None,
+                 initial_weights_source: dict | None = None) -> dict:
+    """The workers' view of the run: the config's fields plus what the driver resolved."""
+    return {**to_dict(config), "config": to_dict(config), "n_train": n_train,
+            "architecture": config.architecture, "initial_weights": initial_weights,
+            "initial_weights_source": initial_weights_source}
 
 
 def prepare_splits(config: TrainConfig) -> tuple[LabeledData, LabeledData | None, pd.DataFrame]:
@@ -92,7 +102,8 @@ def prepare_splits(config: TrainConfig) -> tuple[LabeledData, LabeledData | None
     held_out = (load_labeled(config.test_data, classes, config.preprocess, config.storage)
                 if config.test_data else None)
     index = assign_splits(labeled.index, config.split_fractions, config.seed,
-                          config.dedup_max_hamming, held_out.index if held_out else None)
+                          config.dedup_max_hamming, held_out.index if held_out else None,
+                          config.dedup_min_similarity)
     return labeled, held_out, index
 
 
@@ -190,84 +201,157 @@ def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.Data
     return predictions, checkpoint, report
 
 
-def run_training(config: TrainConfig) -> dict:
-    print("brainray train\n" + storage.redacted_json(config), flush=True)
-    options = config.storage
-    storage.ensure_writable(config.run_dir, options)
+def _initial_weights(config: TrainConfig) -> tuple[object | None, dict | None]:
+    """The pretrained weights (`--weights`), checked against the architecture on the driver so
+    that a wrong file fails before any data is read, and put once into the object store for the
+    workers; with their provenance (source and SHA-256) for the checkpoint."""
+    if config.weights is None:
+        return None, None
+    state_dict, provenance = backbones.initial_weights(
+        config.weights, config.model, lambda uri: storage.read_bytes(uri, config.storage))
+    print(f"initial weights: {provenance['source']} (sha256 {provenance['sha256'][:16]}...)",
+          flush=True)
+    return ray.put(state_dict), provenance
+
+
+def _start(config: TrainConfig) -> None:
+    """Print and save the resolved config; refuse a relaunch that changes the experiment."""
+    overrides = config.recipe_overrides()
+    print(f"brainray train: recipe {config.recipe}"
+          + (f", overridden: {overrides}" if overrides else "") + "\n"
+          + storage.redacted_json(config), flush=True)
+    storage.ensure_writable(config.run_dir, config.storage)
     _check_resume(config)
     storage.write_text(storage.join(config.run_dir, "config.json"), storage.redacted_json(config),
-                       options)
-    classes = list(config.classes)
+                       config.storage)
 
-    labeled, held_out, index = prepare_splits(config)
-    split_summary = _split_summary(index, classes)
-    _print_split(split_summary)
-    storage.write_bytes(storage.join(config.run_dir, "split.parquet"), index[
-        [COL_PATH, COL_LABEL, COL_SHA256, COL_GROUP, COL_SPLIT]].to_parquet(index=False), options)
+
+def _split_paths(index: pd.DataFrame, has_held_out: bool) -> dict[str, pd.Series]:
     paths = {name: index.loc[index[COL_SPLIT] == name, COL_PATH] for name in ("train", "val",
                                                                             "test")}
     if min(len(paths["train"]), len(paths["val"])) == 0:
         raise ValueError("too few usable images to make non-empty train and validation splits")
-    if held_out is None and len(paths["test"]) == 0:
+    if not has_held_out and len(paths["test"]) == 0:
         raise ValueError("too few usable images to make a non-empty test split")
-    splits = materialize_splits(labeled.dataset, paths, config.seed)
-    labeled = LabeledData(dataset=None, index=labeled.index)  # frees the unsplit copy
+    return paths
 
+
+def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights) -> tuple:
+    """Run the TorchTrainer; the result and its wall time in seconds."""
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=_loop_config(config, len(paths["train"])),
+        train_loop_config=_loop_config(config, n_train, *initial_weights),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=_run_config(config),
-        datasets={"train": splits["train"],
-                  "val": splits["val"]},
+        datasets={"train": splits["train"], "val": splits["val"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     started = time.perf_counter()
     result = trainer.fit()
-    wall_s = time.perf_counter() - started
-    checkpoint, loop_state = _best_model(result, config)
-    history = loop_state["history"]
+    return result, time.perf_counter() - started
 
-    test_source = held_out.dataset if held_out is not None else splits["test"]
-    test_paths = (held_out.index.loc[held_out.index[COL_ERROR] == "", COL_PATH]
-                  if held_out is not None else None)
+
+def _test_set(config: TrainConfig, held_out: LabeledData | None, index: pd.DataFrame,
+              splits: dict) -> tuple:
+    """The test images as a dataset (and the paths to select from it) and their index rows."""
+    if held_out is None:
+        return splits["test"], None, index[index[COL_SPLIT] == "test"]
+    usable = held_out.index[held_out.index[COL_ERROR] == ""]
+    return held_out.dataset, usable[COL_PATH], usable
+
+
+def _without_tta(config: TrainConfig, source, paths, classes: list[str]) -> dict | None:
+    """Test figures of the same (calibrated) model without its test-time augmentation: what
+    TTA adds."""
+    if config.tta == "none":
+        return None
+    plain = predict_labeled(source, paths, storage.join(config.run_dir, MODEL_FILE),
+                            config.storage, use_gpu=config.use_gpu, tta="none")
+    full = compute_metrics(plain, classes)
+    return {k: full[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "loss")}
+
+
+def _near_duplicates(train_index: pd.DataFrame, test_index: pd.DataFrame) -> dict:
+    similarity = baseline.nearest_similarity(np.stack(train_index[COL_THUMBNAIL].to_numpy()),
+                                             np.stack(test_index[COL_THUMBNAIL].to_numpy()))
+    return baseline.leakage_summary(similarity)
+
+
+def run_training(config: TrainConfig) -> dict:
+    _start(config)
+    initial_weights = _initial_weights(config)
+    classes = list(config.classes)
+    labeled, held_out, index = prepare_splits(config)
+    split_summary = _split_summary(index, classes)
+    _print_split(split_summary)
+    storage.write_bytes(storage.join(config.run_dir, "split.parquet"), index[
+        [COL_PATH, COL_LABEL, COL_SHA256, COL_GROUP, COL_SPLIT]].to_parquet(index=False),
+        config.storage)
+    paths = _split_paths(index, held_out is not None)
+    splits = materialize_splits(labeled.dataset, paths, config.seed)
+    labeled = LabeledData(dataset=None, index=labeled.index)  # frees the unsplit copy
+
+    result, wall_s = _fit(config, splits, len(paths["train"]), initial_weights)
+    checkpoint, loop_state = _best_model(result, config)
+    test_source, test_paths, test_index = _test_set(config, held_out, index, splits)
     predictions = predict_labeled(test_source, test_paths,
-                                  storage.join(config.run_dir, MODEL_FILE), options,
+                                  storage.join(config.run_dir, MODEL_FILE), config.storage,
                                   use_gpu=config.use_gpu)
     predictions, checkpoint, trust_report = _calibrate_and_guard(config, splits, predictions,
                                                                  checkpoint)
-    test = compute_metrics(predictions, classes)
-    test_index = (held_out.index[held_out.index[COL_ERROR] == ""] if held_out is not None
-                  else index[index[COL_SPLIT] == "test"])
-    nn_baseline = _baseline_metrics(index[index[COL_SPLIT] == "train"], test_index, classes)
+    train_index = index[index[COL_SPLIT] == "train"]
+    report = _report(config, checkpoint, loop_state, wall_s, {
+        **compute_metrics(predictions, classes),
+        "baseline_1nn": _baseline_metrics(train_index, test_index, classes),
+        "near_duplicates": _near_duplicates(train_index, test_index),
+        "without_tta": _without_tta(config, test_source, test_paths, classes),
+        "split": split_summary,
+        "skipped_files": skipped_files(labeled.index) + (
+            skipped_files(held_out.index) if held_out is not None else []),
+        **trust_report})
+    write_report(config.run_dir, report, config.storage, predictions_table(predictions, classes),
+                 report["history"])
+    storage.write_text(storage.join(config.run_dir, "MODEL_CARD.md"), render_model_card(report),
+                       config.storage)
+    _print_summary(report, config)
+    return report
+
+
+def _report(config: TrainConfig, checkpoint: dict, loop_state: dict, wall_s: float,
+            results: dict) -> dict:
+    history = loop_state["history"]
     images_trained = sum(h["train_images"] for h in history)
-    report = {
-        **test,
+    return {
+        **results,
         "model_name": config.model, "model_id": checkpoint["model_id"],
+        "architecture": checkpoint.get("architecture", {}),
+        "initial_weights": checkpoint.get("initial_weights"),
+        "test_time_augmentation": tta_of(checkpoint),
         "n_parameters": count_parameters(model_from_checkpoint(checkpoint)),
         "best_epoch": checkpoint["epoch"], "history": history,
         "resumed_at_epochs": loop_state.get("resumed_at_epochs", []),
         "training_wall_s": wall_s,
         "training_images_per_s": images_trained / max(sum(h["train_seconds"] for h in history),
                                                       1e-9),
-        "baseline_1nn": nn_baseline,
-        "split": split_summary,
-        "skipped_files": skipped_files(labeled.index) + (
-            skipped_files(held_out.index) if held_out is not None else []),
+        "recipe": config.recipe, "recipe_overrides": config.recipe_overrides(),
         "config": to_dict(config),
-        **trust_report,
     }
-    write_report(config.run_dir, report, options, predictions_table(predictions, classes), history)
-    storage.write_text(storage.join(config.run_dir, "MODEL_CARD.md"), render_model_card(report),
-                       options)
-    print(f"test set ({test['n_images']} images, best epoch {checkpoint['epoch']}):\n"
-          + metric_fns.format_summary(test), flush=True)
+
+
+def _print_summary(report: dict, config: TrainConfig) -> None:
+    nn_baseline, leakage = report["baseline_1nn"], report["near_duplicates"]
+    print(f"test set ({report['n_images']} images, best epoch {report['best_epoch']}):\n"
+          + metric_fns.format_summary(report), flush=True)
+    if report["without_tta"]:
+        print(f"without test-time augmentation: accuracy {report['without_tta']['accuracy']:.4f}",
+              flush=True)
     print(f"trivial baseline (1-NN on thumbnails, same split): accuracy "
-          f"{nn_baseline['accuracy']:.4f}, macro F1 {nn_baseline['macro_f1']:.4f}", flush=True)
+          f"{nn_baseline['accuracy']:.4f}, macro F1 {nn_baseline['macro_f1']:.4f}; test images "
+          f"whose nearest training thumbnail is > 0.95 / > 0.99 similar: "
+          f"{leakage['share_above_0.95']:.1%} / {leakage['share_above_0.99']:.1%}", flush=True)
     if report["skipped_files"]:
         print(f"skipped {len(report['skipped_files'])} unreadable file(s), listed in metrics.json:")
         for item in report["skipped_files"][:10]:
             print(f"  {item['path']}: {item['error']}")
     print(f"run written to {storage.redact(config.run_dir)}", flush=True)
-    return report

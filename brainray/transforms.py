@@ -112,6 +112,17 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def inference_views(x: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
+    """The views of a model-input batch whose logits inference averages: the batch itself, and
+    with tta "hflip" its left-right mirror too (axial slices are near-symmetric, and training
+    flips them the same way)."""
+    if tta == "hflip":
+        return [x, x.flip(-1)]
+    if tta != "none":
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose none or hflip")
+    return [x]
+
+
 def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator)
 

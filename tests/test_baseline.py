@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainray.baseline import THUMBNAIL_SIZE, nearest_neighbour_predict, thumbnail
+from brainray.baseline import (
+    THUMBNAIL_SIZE,
+    leakage_summary,
+    nearest_neighbour_predict,
+    nearest_similarity,
+    thumbnail,
+)
 
 
 def test_thumbnail_is_small_gray_uint8_for_any_mode():
@@ -48,3 +54,25 @@ def test_nearest_neighbour_needs_training_images():
     with pytest.raises(ValueError, match="at least one"):
         nearest_neighbour_predict(np.zeros((0, 4, 4), np.uint8), np.zeros(0, int),
                                   np.zeros((1, 4, 4), np.uint8))
+
+
+def test_nearest_similarity_is_one_for_a_copy_and_lower_for_other_images():
+    # Given training thumbnails: a bright left half, a bright right half
+    left = np.zeros((4, 4), np.uint8)
+    left[:, :2] = 200
+    right = left[:, ::-1].copy()
+    train = np.stack([left, right])
+    # When a copy of each, and an image overlapping both halves equally, are looked up
+    queries = np.stack([left, right, np.full((4, 4), 200, np.uint8)])
+    similarity = nearest_similarity(train, queries)
+    # Then copies are 1.0 and the uniform image is cos 45 degrees from either half
+    assert similarity[:2] == pytest.approx([1.0, 1.0])
+    assert similarity[2] == pytest.approx(1 / np.sqrt(2), abs=1e-6)
+
+
+def test_leakage_summary_counts_the_shares_above_each_threshold():
+    summary = leakage_summary(np.array([1.0, 0.995, 0.97, 0.5]))
+    assert summary["n_images"] == 4
+    assert summary["share_above_0.99"] == 0.5
+    assert summary["share_above_0.95"] == 0.75
+    assert summary["median"] == pytest.approx(0.9825)

@@ -14,6 +14,7 @@ from brainray import cli
 from brainray.config import (
     DEFAULT_CLASSES,
     IMAGE_EXTENSIONS,
+    RECIPES,
     EvalConfig,
     PreprocessConfig,
     StorageOptions,
@@ -137,9 +138,9 @@ def test_storage_flags_fall_back_to_environment(monkeypatch):
 
 def test_invalid_model_choice_exits_with_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
-        cli.build_parser().parse_args(["train", "--model", "resnet50"])
+        cli.build_parser().parse_args(["train", "--model", "resnet99"])
     assert info.value.code == 2
-    assert "invalid choice: 'resnet50'" in capsys.readouterr().err
+    assert "invalid choice: 'resnet99'" in capsys.readouterr().err
 
 
 def test_missing_command_exits_with_usage_error():
@@ -254,7 +255,19 @@ def test_split_fractions_sum_to_one():
     ({"model": "vgg"}, "model must be one of"),
     ({"augment": "heavy"}, "augment must be one of"),
     ({"precision": "int8"}, "precision must be one of"),
-    ({"lr_schedule": "step"}, "lr_schedule must be cosine or constant"),
+    ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+    ({"recipe": "fancy"}, "recipe must be one of"),
+    ({"optimizer": "sgd"}, "optimizer must be one of"),
+    ({"tta": "rotate"}, "tta must be one of"),
+    ({"label_smoothing": 1.0}, "label smoothing must be in [0, 1)"),
+    ({"ema_decay": 1.0}, "EMA decay must be in [0, 1)"),
+    ({"backbone_lr_factor": 0.0}, "backbone lr factor must be in (0, 1]"),
+    ({"dedup_min_similarity": 1.5}, "dedup min similarity must be in [0, 1]"),
+    ({"warmup_epochs": -1}, "warmup epochs must be >= 0"),
+    ({"model": "paper_cnn", "width": 16}, "model paper_cnn takes only no size arguments"),
+    ({"model": "bn_cnn", "depth": 2}, "model bn_cnn takes only ('width',) size arguments"),
+    ({"model": "res_cnn", "width": 0}, "width and depth must be in [1, 1024]"),
+    ({"model": "bn_cnn", "weights": "imagenet"}, "--weights needs a torchvision model"),
     ({"epochs": 0}, "epochs must be >= 1"),
     ({"batch_size_per_worker": 0}, "batch size must be >= 1"),
     ({"lr": 0.0}, "lr must be > 0"),
@@ -310,3 +323,51 @@ def test_init_ray_gives_the_jobs_workers_the_allocator_settings(monkeypatch):
     assert cli.init_ray("auto", use_gpu=False) is False
     assert calls[0]["runtime_env"] == {"env_vars": runtime_env.ALLOCATOR_ENV}
     assert calls[0]["address"] == "auto"
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+def test_the_config_defaults_are_the_default_recipe():
+    config = TrainConfig(data="d", run_dir="r")
+    values = {**to_dict(config), "image_size": config.preprocess.image_size}
+    assert {k: values[k] for k in RECIPES["default"]} == RECIPES["default"]
+    assert config.recipe == "default" and config.recipe_overrides() == {}
+
+
+def test_recipe_paper_sets_the_papers_setup():
+    config = _train("--data", "/d", "--recipe", "paper")
+    assert (config.model, config.preprocess.image_size, config.augment, config.optimizer) == (
+        "paper_cnn", 224, "paper", "adam")
+    assert config.lr == 1e-3 and config.lr_schedule == "constant"
+    assert config.recipe == "paper" and config.recipe_overrides() == {}
+
+
+def test_a_flag_overrides_its_recipe_field_and_only_that_one():
+    config = _train("--data", "/d", "--recipe", "paper", "--lr", "3e-4", "--image-size", "128")
+    assert config.lr == 3e-4 and config.preprocess.image_size == 128
+    assert config.model == "paper_cnn" and config.augment == "paper"
+    assert config.recipe_overrides() == {"lr": 3e-4, "image_size": 128}
+
+
+@pytest.mark.parametrize("flag, value, field_name, expected", [
+    ("--width", "48", "width", 48), ("--label-smoothing", "0.1", "label_smoothing", 0.1),
+    ("--ema-decay", "0.998", "ema_decay", 0.998), ("--tta", "hflip", "tta", "hflip"),
+    ("--optimizer", "adamw", "optimizer", "adamw"),
+    ("--lr-schedule", "onecycle", "lr_schedule", "onecycle"),
+    ("--dedup-min-similarity", "0.99", "dedup_min_similarity", 0.99),
+    ("--backbone-lr-factor", "0.2", "backbone_lr_factor", 0.2),
+])
+def test_new_training_flags_reach_the_config(flag, value, field_name, expected):
+    assert getattr(_train("--data", "/d", flag, value), field_name) == expected
+
+
+def test_weights_flag_with_a_torchvision_model():
+    config = _train("--data", "/d", "--model", "resnet18", "--weights", "s3://b/r18.pth")
+    assert config.weights == "s3://b/r18.pth" and config.architecture == {}
+
+
+def test_the_sample_run_shortens_the_recipes_epochs_and_says_so():
+    config = _train()
+    assert config.epochs == cli.SAMPLE_EPOCHS
+    assert config.recipe_overrides() == {"epochs": cli.SAMPLE_EPOCHS}

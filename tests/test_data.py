@@ -5,15 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from brainray.config import (
     COL_BYTES,
     COL_ERROR,
     COL_FINGERPRINT,
+    COL_GROUP,
     COL_IMAGE,
     COL_LABEL,
     COL_PATH,
     COL_SHA256,
+    COL_THUMBNAIL,
     DEFAULT_CLASSES,
     PreprocessConfig,
     StorageOptions,
@@ -52,6 +55,33 @@ def test_decode_labels_from_class_folders_and_turns_bad_rows_into_errors():
     assert "class folder" in out[COL_ERROR][4]
     assert out[COL_SHA256][0] == out[COL_SHA256][1]  # same bytes, same content hash
     assert out[COL_FINGERPRINT][0] == out[COL_FINGERPRINT][1] != 0
+
+
+def _sixteen_bit_png(pixels: np.ndarray) -> bytes:
+    image = Image.fromarray(pixels.astype(np.uint16))  # mode I;16
+    assert image.mode.startswith("I;16")
+    return encode(image)
+
+
+def test_sixteen_bit_slices_are_fingerprinted_as_the_model_sees_them():
+    # Given two different bright 16-bit slices (every value above 255, as CT/MR exports are)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    first = 20_000 + 30_000 * (xx / 64) + rng.integers(0, 50, (64, 64))
+    second = 20_000 + 30_000 * (yy / 64) + rng.integers(0, 50, (64, 64))
+    batch = {COL_PATH: np.array(["r/glioma/a.png", "r/glioma/b.png"], dtype=object),
+             COL_BYTES: np.array([_sixteen_bit_png(first), _sixteen_bit_png(second)],
+                                 dtype=object)}
+    # When decoded for the split
+    out = decode_labeled_batch(batch, classes=CLASSES, preprocess=PreprocessConfig(image_size=32),
+                               root="r")
+    # Then their fingerprints and thumbnails differ (clipping at 255 made them all alike), and
+    # the thumbnail is the stretched 8-bit image the model is trained on
+    assert out[COL_ERROR].tolist() == ["", ""]
+    assert out[COL_FINGERPRINT][0] != out[COL_FINGERPRINT][1]
+    thumbs = out[COL_THUMBNAIL]
+    assert thumbs[0].min() < 30 and thumbs[0].max() > 225
+    assert not np.array_equal(thumbs[0], thumbs[1])
 
 
 def _index(labels, shas, fingerprints, prefix="p"):
@@ -94,6 +124,31 @@ def test_assign_splits_drops_training_images_that_duplicate_the_held_out_test_se
     # Then the duplicate is marked as dropped and nothing else is
     dropped = out[out["split"] == "dropped_test_overlap"]
     assert dropped[COL_PATH].tolist() == ["p007"]
+
+
+def test_assign_splits_with_min_similarity_keeps_similar_thumbnails_together():
+    # Given 200 unrelated images (distinct hashes and fingerprints) where every 10th has a
+    # thumbnail almost equal to the one before it: re-encoded copies the hash missed
+    rng = np.random.default_rng(1)
+    n = 200
+    labels = np.repeat(np.arange(4), n // 4)
+    index = _index(labels, [f"sha{i}" for i in range(n)],
+                   rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64))
+    thumbs = rng.integers(0, 256, (n, 32, 32)).astype(np.uint8)
+    for i in range(9, n, 10):
+        thumbs[i] = np.clip(thumbs[i - 1].astype(int) + 1, 0, 255)
+    index[COL_THUMBNAIL] = list(thumbs)
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    # When split with and without the stricter grouping
+    strict = assign_splits(index, fractions, seed=3, max_hamming=2, min_similarity=0.99)
+    loose = assign_splits(index, fractions, seed=3, max_hamming=2)
+    # Then the stricter split keeps every such pair together; the hash alone does not
+    pairs = [(f"p{i - 1:03d}", f"p{i:03d}") for i in range(9, n, 10)]
+    for split in (strict, loose):
+        split.index = split[COL_PATH]
+    assert all(strict.loc[a, "split"] == strict.loc[b, "split"] for a, b in pairs)
+    assert any(loose.loc[a, "split"] != loose.loc[b, "split"] for a, b in pairs)
+    assert strict[COL_GROUP].nunique() == n - len(pairs)
 
 
 @pytest.mark.ray

@@ -20,14 +20,17 @@ from tests.conftest import synthetic_scan
 SIZE = 32
 
 
-@pytest.fixture(scope="module", params=["paper_cnn", "bn_cnn"])
+# (model, test-time augmentation): the exported graph must hold the flip views too.
+@pytest.fixture(scope="module", params=[("paper_cnn", "none"), ("bn_cnn", "none"),
+                                        ("res_cnn", "hflip"), ("resnet18", "hflip")],
+                ids=lambda p: "-".join(p))
 def checkpoint(request, tmp_path_factory):
+    name, tta = request.param
     torch.manual_seed(0)
-    model = build_model(request.param, 4, SIZE)
-    payload = with_fields(make_checkpoint(model, model_name=request.param,
-                                          classes=DEFAULT_CLASSES,
+    model = build_model(name, 4, SIZE)
+    payload = with_fields(make_checkpoint(model, model_name=name, classes=DEFAULT_CLASSES,
                                           preprocess=PreprocessConfig(SIZE), config={},
-                                          metrics={}, epoch=1),
+                                          metrics={}, epoch=1, test_time_augmentation=tta),
                           temperature=1.7, review_threshold=0.8)
     path = tmp_path_factory.mktemp("export") / "model.pt"
     path.write_bytes(serialize(payload))

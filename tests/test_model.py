@@ -11,6 +11,7 @@ import torch
 from brainray.config import DEFAULT_CLASSES, MODEL_NAMES, PreprocessConfig
 from brainray.model import (
     CHECKPOINT_FORMAT,
+    BasicBlock,
     CheckpointError,
     build_model,
     count_parameters,
@@ -19,6 +20,7 @@ from brainray.model import (
     model_from_checkpoint,
     preprocess_config,
     serialize,
+    tta_of,
     weights_id,
 )
 
@@ -346,3 +348,58 @@ def test_bf16_stem_is_not_part_of_the_checkpoint():
                                  preprocess=PreprocessConfig(image_size=CKPT_SIZE), config={},
                                  metrics={}, epoch=1)
     assert model_from_checkpoint(deserialize(serialize(checkpoint))).bf16_stem is False
+
+
+# --- sizes, residual net, torchvision models, test-time augmentation ------------------------------
+
+
+def test_width_scales_bn_cnn_and_res_cnn():
+    assert count_parameters(build_model("bn_cnn", 4, 64, {"width": 16})) < count_parameters(
+        build_model("bn_cnn", 4, 64)) < count_parameters(build_model("bn_cnn", 4, 64,
+                                                                     {"width": 48}))
+    deeper = build_model("res_cnn", 4, 64, {"depth": 2})
+    assert count_parameters(deeper) > count_parameters(build_model("res_cnn", 4, 64))
+
+
+def test_an_architecture_argument_the_model_does_not_take_is_refused():
+    with pytest.raises(ValueError, match="model paper_cnn does not take width"):
+        build_model("paper_cnn", 4, 64, {"width": 48})
+
+
+def test_the_architecture_travels_in_the_checkpoint():
+    # Given a wider bn_cnn's checkpoint
+    torch.manual_seed(0)
+    model = build_model("bn_cnn", 4, CKPT_SIZE, {"width": 8})
+    checkpoint = make_checkpoint(model, model_name="bn_cnn", classes=CLASSES,
+                                 preprocess=PreprocessConfig(image_size=CKPT_SIZE), config={},
+                                 metrics={}, epoch=1, architecture={"width": 8})
+    # When it is loaded, Then the same-size network is rebuilt with the same outputs
+    rebuilt = model_from_checkpoint(deserialize(serialize(checkpoint)))
+    assert count_parameters(rebuilt) == count_parameters(model)
+    x = torch.rand(2, 1, CKPT_SIZE, CKPT_SIZE)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+def test_a_checkpoint_with_an_impossible_architecture_is_refused():
+    _, checkpoint = _checkpoint("bn_cnn")
+    checkpoint["architecture"] = {"depth": 3}
+    with pytest.raises(CheckpointError, match="does not take depth"):
+        deserialize(serialize(checkpoint))
+
+
+def test_res_cnn_shortcuts_carry_the_input_when_the_body_is_zero():
+    block = BasicBlock(8, 8)
+    with torch.no_grad():
+        for p in block.body.parameters():
+            p.zero_()
+    x = torch.rand(1, 8, 4, 4)
+    assert torch.equal(block(x), torch.relu(x))
+
+
+def test_test_time_augmentation_is_read_from_the_checkpoint():
+    _, checkpoint = _checkpoint("bn_cnn")
+    assert tta_of(checkpoint) == "none"
+    assert tta_of({**checkpoint, "test_time_augmentation": "hflip"}) == "hflip"
+    with pytest.raises(CheckpointError, match="unknown test-time augmentation"):
+        tta_of({**checkpoint, "test_time_augmentation": "rot90"})

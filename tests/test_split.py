@@ -10,9 +10,12 @@ from PIL import Image, ImageDraw
 
 from brainray.split import (
     DEFAULT_MAX_HAMMING,
+    MAX_LINKED_GROUP,
     group_duplicates,
     hamming_distance,
     image_fingerprint,
+    link_similar,
+    similar_pairs,
     split_report,
     stratified_group_split,
 )
@@ -223,6 +226,61 @@ def test_group_duplicates_rejects_bad_input():
         group_duplicates(["a"], [1], -1)
     with pytest.raises(ValueError):
         group_duplicates(["a"], [-1], 0)
+
+
+# --- stricter grouping: similar thumbnails ------------------------------------
+
+
+def _thumbnails(n: int, seed: int = 0) -> np.ndarray:
+    """n unrelated random 8x8 thumbnails (pairwise cosine well below 0.99)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8)).astype(np.uint8)
+
+
+def test_similar_pairs_links_a_near_copy_and_nothing_else():
+    # Given unrelated thumbnails and one near-copy of the first (brightness off by a little)
+    thumbs = _thumbnails(6)
+    thumbs[5] = np.clip(thumbs[0].astype(int) + 2, 0, 255)
+    # When pairs at cosine >= 0.99 are found
+    i, j, sim = similar_pairs(thumbs, 0.99)
+    # Then only (0, 5) is linked
+    assert list(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 5)]
+    assert sim[0] >= 0.99
+
+
+def test_similar_pairs_needs_mutual_neighbours():
+    # Given one image with more near-copies than it has neighbour slots (3), plus noise
+    base = _thumbnails(1)[0].astype(int)
+    thumbs = np.stack([np.clip(base + d, 0, 255) for d in (0, 1, 2, 3, 4)]).astype(np.uint8)
+    i, j, _ = similar_pairs(thumbs, 0.9, neighbours=1)
+    # Then with one neighbour each, only mutual nearest pairs remain, never all ten pairs
+    assert 0 < len(i) < 10
+    assert all(a < b for a, b in zip(i, j, strict=True))
+
+
+def test_link_similar_merges_groups_of_similar_images():
+    thumbs = _thumbnails(6)
+    thumbs[5] = thumbs[0]
+    groups = link_similar(np.arange(6), thumbs, 0.99)
+    assert groups[0] == groups[5]
+    assert len(set(groups.tolist())) == 5
+
+
+def test_link_similar_never_grows_a_group_past_the_cap():
+    # Given a chain of slowly drifting thumbnails, each a near-copy of the next
+    base = _thumbnails(1)[0].astype(float)
+    steps = [np.clip(base + 0.5 * k, 0, 255) for k in range(MAX_LINKED_GROUP + 30)]
+    thumbs = np.stack(steps).astype(np.uint8)
+    # When linked at a threshold every neighbour passes
+    groups = link_similar(np.arange(len(thumbs)), thumbs, 0.9)
+    # Then no group is larger than the cap, so a chain cannot swallow the dataset
+    assert np.bincount(groups).max() <= MAX_LINKED_GROUP
+    assert np.bincount(groups).max() > 1
+
+
+def test_link_similar_keeps_existing_groups():
+    thumbs = _thumbnails(4)
+    groups = link_similar(np.array([0, 0, 1, 2]), thumbs, 0.999)
+    assert groups.tolist() == [0, 0, 1, 2]
 
 
 # --- stratified_group_split --------------------------------------------------

@@ -156,3 +156,80 @@ def test_missing_data_fails_fast_with_the_uri(ray_cluster, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert str(missing) in err and len(err.splitlines()) == 1
+
+
+def _weights_file(path, name: str = "resnet18", seed: int = 0):
+    """A torchvision-layout state dict (1000-class head), as torchvision publishes them."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.get_model(name, weights=None).state_dict(), path)
+    return path
+
+
+def test_fine_tune_a_torchvision_model_then_score_explain_and_export(ray_cluster, tmp_path):
+    # Given a resnet18 weights file and a tiny dataset
+    weights = _weights_file(tmp_path / "resnet18.pth")
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=6))
+    run_dir = tmp_path / "runs" / "ft"
+
+    # When fine-tuning from it for one epoch, with EMA, label smoothing and flip TTA
+    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "1",
+                "--model", "resnet18", "--weights", str(weights), "--ema-decay", "0.9",
+                "--label-smoothing", "0.1", "--tta", "hflip", *FAST]) == 0
+
+    # Then the checkpoint says where its initial weights came from, and their hash
+    import hashlib
+
+    checkpoint = deserialize((run_dir / "model.pt").read_bytes())
+    assert checkpoint["initial_weights"] == {
+        "source": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert checkpoint["test_time_augmentation"] == "hflip"
+    # and the report holds what TTA adds, the leakage measure and the raw weights' validation
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["without_tta"]["accuracy"] is not None
+    assert metrics["near_duplicates"]["n_images"] == metrics["n_images"]
+    assert "val_accuracy_raw" in metrics["history"][0]
+    card = (run_dir / "MODEL_CARD.md").read_text()
+    assert str(weights) in card and "Near-duplication left across the split" in card
+
+    # When the model scores, explains and exports, Then each works for it too
+    out = tmp_path / "scores"
+    assert run(["score", "--model", str(run_dir), "--input", str(data / "glioma"),
+                "--output", str(out), "--no-gpu"]) == 0
+    rows = pd.read_parquet(out / "scores")
+    assert len(rows) == 6 and (rows["status"] == "ok").all()
+    assert set(rows["model_id"]) == {checkpoint["model_id"]}
+    assert run(["explain", "--model", str(run_dir), "--input", str(data / "notumor"),
+                "--output", str(tmp_path / "cam"), "--max-images", "2"]) == 0
+    assert len(list((tmp_path / "cam").glob("*.png"))) == 2
+    assert run(["export", "--model", str(run_dir), "--output", str(tmp_path / "export"),
+                "--no-onnx"]) == 0
+    assert (tmp_path / "export" / "model.ts").stat().st_size > 0
+
+
+def test_weights_that_do_not_fit_are_refused_before_any_data_is_read(ray_cluster, tmp_path,
+                                                                      capsys):
+    weights = _weights_file(tmp_path / "resnet18.pth")
+    code = run(["train", "--data", str(tmp_path / "no-data-here"), "--run-dir",
+                str(tmp_path / "r"), "--model", "resnet50", "--weights", str(weights), *FAST])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "does not fit resnet50" in err and "no-data-here" not in err
+
+
+def test_an_ema_run_resumes_from_its_raw_weights(ray_cluster, tmp_path, capfd):
+    # Given an EMA run stopped after one epoch
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
+    run_dir = tmp_path / "runs" / "ema"
+    flags = ["train", "--data", str(data), "--run-dir", str(run_dir), "--ema-decay", "0.5", *FAST]
+    assert run([*flags, "--epochs", "1"]) == 0
+    state = torch.load(next(run_dir.glob("checkpoint_*")) / "train_state.pt", weights_only=True)
+    capfd.readouterr()
+    # When relaunched for a second epoch
+    assert run([*flags, "--epochs", "2"]) == 0
+    # Then it resumed (the train state kept the raw weights and the average's count)
+    assert "raw_state_dict" in state and int(state["ema_n_averaged"]) >= 1
+    assert "resuming from the checkpoint of epoch 1" in capfd.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
