@@ -1,4 +1,4 @@
-"""Command line: `brainray train|evaluate|score|explain|export`. Flags become frozen configs.
+"""Command line: `brainray train|tune|evaluate|score|explain|export`. Flags become frozen configs.
 
 `ray.init` lives only here; explain and export run on the driver without Ray.
 
@@ -29,6 +29,7 @@ from brainray.config import (
     ExportConfig,
     PreprocessConfig,
     ScoreConfig,
+    SearchConfig,
     TrainConfig,
 )
 
@@ -196,6 +197,52 @@ def _train_parser(sub) -> None:
     _add_storage_flags(p)
 
 
+_TUNE_EXAMPLES = """examples:
+  brainray tune --data /data/Training --output runs/search --trials 8 --epochs 15
+  brainray tune --data s3://b/Training --output s3://b/search --space space.yaml
+
+space.yaml maps training fields to one of choice / uniform / loguniform / randint:
+  lr: {loguniform: [5.0e-4, 5.0e-3]}
+  augment: {choice: [light, medium]}
+  label_smoothing: {choice: [0.0, 0.1]}
+"""
+
+
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="hyperparameter search: trials of `train` on Ray Tune",
+                       description="Search training settings with Ray Tune: every trial is a "
+                                   "full `brainray train` run in <output>/trials/<id>/, ASHA "
+                                   "stops weak trials on validation loss, and the results "
+                                   "table goes to <output>/trials.parquet. Relaunch with the "
+                                   "same --output to resume an interrupted search.",
+                       epilog=_TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = SearchConfig.__dataclass_fields__
+    p.add_argument("--data", required=True, help="labeled images, as for `train --data`")
+    p.add_argument("--output", required=True, help="folder URI for the search (local or s3://)")
+    p.add_argument("--test-data", default=None, help="held-out labeled test data (optional)")
+    p.add_argument("--trials", type=int, default=d["trials"].default,
+                   help="number of trials (sampled from the space)")
+    p.add_argument("--space", default=None,
+                   help="YAML search space URI (default: lr, weight decay, label smoothing, EMA "
+                        "and augmentation around the default recipe)")
+    p.add_argument("--recipe", choices=RECIPE_NAMES, default=d["recipe"].default,
+                   help="settings the space does not vary come from this recipe")
+    p.add_argument("--epochs", type=int, default=d["epochs"].default,
+                   help="epoch budget of each trial (ASHA stops weak trials earlier)")
+    p.add_argument("--grace-epochs", type=int, default=d["grace_epochs"].default,
+                   help="no trial is stopped before this many epochs")
+    p.add_argument("--max-concurrent-trials", type=int,
+                   default=d["max_concurrent_trials"].default,
+                   help="0 = as many as the cluster's CPUs (or GPUs) hold")
+    p.add_argument("--seed", type=int, default=d["seed"].default,
+                   help="the split's and the sampler's seed (every trial sees the same split)")
+    p.add_argument("--num-workers", type=int, default=d["num_workers"].default,
+                   help="DDP workers per trial")
+    p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"].default)
+    _add_cluster_flags(p)
+    _add_storage_flags(p)
+
+
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics and plots of a trained model on labeled data",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -285,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _tune_parser(sub)
     _evaluate_parser(sub)
     _score_parser(sub)
     _explain_parser(sub)
@@ -331,6 +379,23 @@ def train_config(args) -> TrainConfig:
         target_accuracy=args.target_accuracy)
 
 
+def _absolute(uri: str | None) -> str | None:
+    """Local paths made absolute: Tune runs each trial in a working directory of its own."""
+    from brainray.storage import is_local
+
+    return os.path.abspath(uri) if uri is not None and is_local(uri) else uri
+
+
+def search_config(args) -> SearchConfig:
+    return SearchConfig(
+        data=_absolute(args.data), output=_absolute(args.output),
+        test_data=_absolute(args.test_data), trials=args.trials, space=_absolute(args.space),
+        recipe=args.recipe, epochs=args.epochs, grace_epochs=args.grace_epochs,
+        max_concurrent_trials=args.max_concurrent_trials, seed=args.seed,
+        num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
+        use_gpu=bool(args.use_gpu), storage=_storage(args))
+
+
 def eval_config(args) -> EvalConfig:
     return EvalConfig(model=args.model, data=args.data, output=args.output,
                       batch_size=args.batch_size, num_actors=args.num_actors,
@@ -360,8 +425,8 @@ def export_config(args) -> ExportConfig:
                         storage=_storage(args))
 
 
-_CONFIGS = {"train": train_config, "evaluate": eval_config, "score": score_config,
-            "explain": explain_config, "export": export_config}
+_CONFIGS = {"train": train_config, "tune": search_config, "evaluate": eval_config,
+            "score": score_config, "explain": explain_config, "export": export_config}
 # Commands that run on the driver alone: no Ray cluster is started or joined.
 _WITHOUT_RAY = ("explain", "export")
 
@@ -371,6 +436,10 @@ def _run_job(command: str, config) -> None:
         from brainray.train_job import run_training
 
         run_training(config)
+    elif command == "tune":
+        from brainray.search import run_search
+
+        run_search(config)
     elif command == "evaluate":
         from brainray.evaluate import run_evaluation
 

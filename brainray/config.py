@@ -224,6 +224,42 @@ class TrainConfig:
         return {"train": train, "val": self.val_fraction, "test": self.test_fraction}
 
 
+# What a search space may vary (`brainray tune --space`): the recipe's fields.
+SEARCHABLE_FIELDS: tuple[str, ...] = tuple(RECIPES["default"])
+SPACE_KINDS: tuple[str, ...] = ("choice", "uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A hyperparameter search (`brainray tune`): trials of the training run, on Ray Tune."""
+
+    data: str
+    output: str  # trials/<id>/ (each a full run dir), the Tune experiment, trials.parquet
+    trials: int = 8
+    space: str | None = None  # YAML file URI; None = brainray.search.DEFAULT_SPACE
+    recipe: str = "default"  # fields the space does not vary come from this recipe
+    epochs: int = 15  # each trial's epoch budget; ASHA stops weak trials before it
+    grace_epochs: int = 3  # ASHA never stops a trial before this many epochs
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs (or GPUs) hold
+    seed: int = 0  # the split's and the search's: every trial sees the same split
+    test_data: str | None = None
+    num_workers: int = 1  # per trial
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        checks = [(self.trials >= 1, "trials must be >= 1"),
+                  (self.epochs >= 1, "epochs must be >= 1"),
+                  (1 <= self.grace_epochs, "grace epochs must be >= 1"),
+                  (self.max_concurrent_trials >= 0, "max concurrent trials must be >= 0"),
+                  (self.recipe in RECIPES, f"recipe must be one of {RECIPE_NAMES}"),
+                  (self.num_workers >= 1, "num_workers must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation of a trained checkpoint on labeled data."""

@@ -77,11 +77,11 @@ def _check_resume(config: TrainConfig) -> None:
     print(f"resuming the run in {storage.redact(config.run_dir)}", flush=True)
 
 
-def _run_config(config: TrainConfig) -> ray.train.RunConfig:
+def _run_config(config: TrainConfig, callbacks: list | None = None) -> ray.train.RunConfig:
     fs, path = storage.resolve(config.run_dir, config.storage)
     parent, name = posixpath.split(path.rstrip("/"))
     return ray.train.RunConfig(
-        name=name, storage_path=parent, storage_filesystem=fs,
+        name=name, storage_path=parent, storage_filesystem=fs, callbacks=callbacks,
         # The latest checkpoint is always kept too (for resume), besides the best by val loss.
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
@@ -236,7 +236,8 @@ def _split_paths(index: pd.DataFrame, has_held_out: bool) -> dict[str, pd.Series
     return paths
 
 
-def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights) -> tuple:
+def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights,
+         callbacks: list | None) -> tuple:
     """Run the TorchTrainer; the result and its wall time in seconds."""
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -244,7 +245,7 @@ def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights) -> tu
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=_run_config(config),
+        run_config=_run_config(config, callbacks),
         datasets={"train": splits["train"], "val": splits["val"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     started = time.perf_counter()
@@ -278,7 +279,9 @@ def _near_duplicates(train_index: pd.DataFrame, test_index: pd.DataFrame) -> dic
     return baseline.leakage_summary(similarity)
 
 
-def run_training(config: TrainConfig) -> dict:
+def run_training(config: TrainConfig, callbacks: list | None = None) -> dict:
+    """`brainray train`; `callbacks` (Ray Train user callbacks) see every epoch's report, as
+    Ray Tune's does when a search runs this as a trial."""
     _start(config)
     initial_weights = _initial_weights(config)
     classes = list(config.classes)
@@ -292,7 +295,7 @@ def run_training(config: TrainConfig) -> dict:
     splits = materialize_splits(labeled.dataset, paths, config.seed)
     labeled = LabeledData(dataset=None, index=labeled.index)  # frees the unsplit copy
 
-    result, wall_s = _fit(config, splits, len(paths["train"]), initial_weights)
+    result, wall_s = _fit(config, splits, len(paths["train"]), initial_weights, callbacks)
     checkpoint, loop_state = _best_model(result, config)
     test_source, test_paths, test_index = _test_set(config, held_out, index, splits)
     predictions = predict_labeled(test_source, test_paths,
