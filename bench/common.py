@@ -19,8 +19,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from brainray.checkpoint import make_checkpoint, serialize
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig
-from brainray.model import build_model, make_checkpoint, serialize
+from brainray.model import build_model
 
 DEFAULT_DATA = "../shared/data/brain-tumor-mri/Training"
 

@@ -27,7 +27,7 @@ from bench.common import rate_for, ratio
 from brainray.model import build_model
 from brainray.precision import autocast_for, cpu_has_native_bf16, prepare
 from brainray.runtime_env import tune_this_process
-from brainray.train import make_optimizer
+from brainray.train_loop import make_optimizer
 from brainray.transforms import to_model_input
 
 

@@ -34,8 +34,8 @@ from bench.common import (
     source_files,
     untrained_checkpoint,
 )
+from brainray.checkpoint import model_from_checkpoint
 from brainray.config import ScoreConfig
-from brainray.model import model_from_checkpoint
 from brainray.precision import autocast_for
 from brainray.runtime_env import tune_this_process
 from brainray.transforms import to_model_input

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         import ray
 
         from brainray.cli import init_ray
-        from brainray.train_job import run_training
+        from brainray.train import run_training
 
         init_ray(None, use_gpu=False)
         try:

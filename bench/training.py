@@ -34,14 +34,14 @@ from brainray.config import TrainConfig
 from brainray.model import build_model
 from brainray.precision import autocast_for, prepare
 from brainray.runtime_env import tune_this_process
-from brainray.train import make_optimizer
+from brainray.train_loop import make_optimizer
 
 
 def run_brainray(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int) -> dict:
     import ray
 
     from brainray.cli import init_ray
-    from brainray.train_job import run_training
+    from brainray.train import run_training
 
     config = TrainConfig(data=str(data), run_dir=str(run_dir), model=model, epochs=epochs,
                          batch_size_per_worker=batch_size, augment="paper", patience=epochs + 1,

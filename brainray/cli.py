@@ -433,7 +433,7 @@ _WITHOUT_RAY = ("explain", "export")
 
 def _run_job(command: str, config) -> None:
     if command == "train":
-        from brainray.train_job import run_training
+        from brainray.train import run_training
 
         run_training(config)
     elif command == "tune":

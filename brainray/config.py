@@ -25,6 +25,7 @@ COL_THUMBNAIL = "thumbnail"  # 32x32 grayscale, for the nearest-neighbour baseli
 COL_ERROR = "error"
 COL_SPLIT = "split"
 COL_GROUP = "group"
+COL_PROBS = "probs"  # per-class probabilities of labeled predictions (brainray.predict)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp")
 

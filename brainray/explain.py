@@ -24,11 +24,16 @@ from torch import nn
 
 from brainray import metrics as metric_fns
 from brainray import ood, storage
+from brainray.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_config,
+    temperature_of,
+)
 from brainray.config import ExplainConfig, StorageOptions
-from brainray.model import model_from_checkpoint, preprocess_config, temperature_of, unwrap
-from brainray.predict import load_checkpoint
-from brainray.sources import SourceLimits, expand, is_supported
+from brainray.model import unwrap
 from brainray.transforms import to_model_input
+from brainray.unpack import SourceLimits, expand, is_supported
 
 FILE_LIST_SUFFIXES = (".txt", ".lst")
 
@@ -107,7 +112,7 @@ class GradCam:
 def render_overlay(image: np.ndarray, cam: np.ndarray, title: str = "",
                    alpha: float = 0.45) -> bytes:
     """PNG: the image on the left, the heatmap (jet colours) blended over it on the right."""
-    fig = metric_fns._new_figure((7.0, 3.8))
+    fig = metric_fns.new_figure((7.0, 3.8))
     left, right = fig.subplots(1, 2)
     for ax in (left, right):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255,
@@ -119,7 +124,7 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, title: str = "",
     right.set_title("Grad-CAM", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    return metric_fns._to_png(fig)
+    return metric_fns.figure_png(fig)
 
 
 def caption(classes: list[str], probs: np.ndarray, target: int, ood_reason: str = "",

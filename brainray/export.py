@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from brainray import storage
+from brainray.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of, tta_of
 from brainray.config import ExportConfig
-from brainray.model import model_from_checkpoint, temperature_of, tta_of
-from brainray.predict import load_checkpoint
 from brainray.transforms import inference_views
 
 TORCHSCRIPT_FILE = "model.ts"

@@ -152,7 +152,7 @@ def classification_metrics(y_true, probs, classes: Sequence[str],
     }
 
 
-def _new_figure(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +162,7 @@ def _new_figure(figsize: tuple[float, float]):
     return Figure(figsize=figsize, layout="constrained")
 
 
-def _to_png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -177,7 +177,7 @@ def _render_history(history: Sequence[Mapping], metric: str, ylabel: str) -> byt
     if not history:
         raise ValueError("history is empty; nothing to plot")
     epochs = [h["epoch"] for h in history]
-    fig = _new_figure((6.0, 4.0))
+    fig = new_figure((6.0, 4.0))
     ax = fig.add_subplot()
     ax.plot(epochs, _series(history, f"train_{metric}"), marker="o", label="train")
     ax.plot(epochs, _series(history, f"val_{metric}"), marker="o", label="validation")
@@ -186,7 +186,7 @@ def _render_history(history: Sequence[Mapping], metric: str, ylabel: str) -> byt
     ax.set_title(f"{ylabel} per epoch")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    return _to_png(fig)
+    return figure_png(fig)
 
 
 def render_accuracy_curve(history: Sequence[Mapping]) -> bytes:
@@ -216,7 +216,7 @@ def render_confusion_matrix(
         raise ValueError(f"confusion matrix shape {cm.shape} does not match {k} classes")
     recall = _row_normalise(cm)
     size = max(4.0, 1.2 * k + 2.0)
-    fig = _new_figure((size + 1.0, size))
+    fig = new_figure((size + 1.0, size))
     ax = fig.add_subplot()
     image = ax.imshow(recall, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, label="Fraction of true class (recall)")
@@ -230,7 +230,7 @@ def render_confusion_matrix(
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(title)
-    return _to_png(fig)
+    return figure_png(fig)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -1,35 +1,20 @@
-"""The networks and their self-describing checkpoints.
+"""The networks: the paper's CNN, brainray's BN and residual CNNs, torchvision's (backbones.py).
 
-A checkpoint is one dict of tensors and plain Python values (weights, class names,
-preprocessing, config, metrics), so `torch.load(weights_only=True)` can read it and nothing
-else is needed to score.
+Every model takes the pipeline's gray (N, 1, H, W) images in [0, 1] (RGB works too) and returns
+logits; `build_model` makes one from its name and size arguments, which is also how a checkpoint
+(brainray.checkpoint) rebuilds the network it holds.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
 import itertools
 
 import torch
 from torch import nn
 
 from brainray.backbones import TorchvisionNet
-from brainray.config import (
-    ARCHITECTURE_KEYS,
-    MODEL_NAMES,
-    TORCHVISION_MODELS,
-    TTA_MODES,
-    PreprocessConfig,
-)
-
-CHECKPOINT_FORMAT = "brainray-checkpoint-v1"
-_REQUIRED_FIELDS = ("model_name", "model_id", "classes", "preprocess", "state_dict")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, unsafe, or does not match what the caller expects."""
+from brainray.config import ARCHITECTURE_KEYS, MODEL_NAMES, TORCHVISION_MODELS
 
 
 class GrayInputConv2d(nn.Conv2d):
@@ -206,117 +191,3 @@ def count_parameters(model: nn.Module) -> int:
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare module under a DistributedDataParallel wrapper, if any."""
     return model.module if hasattr(model, "module") else model
-
-
-def weights_id(state_dict: dict[str, torch.Tensor]) -> str:
-    """A stable short hash of the weights: identifies the exact model that produced a score."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        digest.update(key.encode())
-        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
-
-
-def make_checkpoint(model: nn.Module, *, model_name: str, classes: list[str] | tuple[str, ...],
-                    preprocess: PreprocessConfig, config: dict, metrics: dict,
-                    epoch: int, architecture: dict | None = None, **fields) -> dict:
-    """`fields`: further plain values (test_time_augmentation, initial_weights, ...)."""
-    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-    return {
-        **fields,
-        "format": CHECKPOINT_FORMAT,
-        "model_name": model_name,
-        "architecture": check_architecture(model_name, architecture),
-        "model_id": weights_id(state),
-        "classes": list(classes),
-        "preprocess": {"image_size": preprocess.image_size,
-                       "max_image_pixels": preprocess.max_image_pixels},
-        "config": config,
-        "metrics": metrics,
-        "epoch": epoch,
-        "state_dict": state,
-    }
-
-
-def serialize(checkpoint: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
-
-
-def deserialize(data: bytes, source: str = "checkpoint",
-                expected_classes: list[str] | tuple[str, ...] | None = None) -> dict:
-    """Load with weights_only=True (refuses pickled code) and validate what the file claims."""
-    try:
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"{source} cannot be loaded safely (weights_only=True): {reason}") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{source} is not a brainray checkpoint ({CHECKPOINT_FORMAT})")
-    missing = [k for k in _REQUIRED_FIELDS if k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{source} is an incomplete checkpoint: missing {missing}")
-    if checkpoint["model_name"] not in _MODELS:
-        raise CheckpointError(f"{source} names unknown model {checkpoint['model_name']!r}")
-    try:
-        check_architecture(checkpoint["model_name"], checkpoint.get("architecture"))
-    except ValueError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
-    if expected_classes is not None and list(expected_classes) != checkpoint["classes"]:
-        raise CheckpointError(f"{source} was trained on classes {checkpoint['classes']}, "
-                              f"not {list(expected_classes)}")
-    if weights_id(checkpoint["state_dict"]) != checkpoint["model_id"]:
-        raise CheckpointError(f"{source}: weights do not match their recorded model_id")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict) -> nn.Module:
-    """An eval-mode model with the checkpoint's weights, on the CPU."""
-    model = build_model(checkpoint["model_name"], len(checkpoint["classes"]),
-                        checkpoint["preprocess"]["image_size"], checkpoint.get("architecture"))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
-
-
-def preprocess_config(checkpoint: dict) -> PreprocessConfig:
-    return PreprocessConfig(**checkpoint["preprocess"])
-
-
-# Optional fields added after training (calibration.py, ood.py). Checkpoints without them load
-# and behave as before: temperature 1.0, the default review threshold, default OOD bounds.
-DEFAULT_REVIEW_THRESHOLD = 0.7
-
-
-def temperature_of(checkpoint: dict) -> float:
-    """The calibration temperature T (probabilities = softmax(logits / T)); 1.0 when absent."""
-    value = checkpoint.get("temperature")
-    if value is None:
-        return 1.0
-    value = float(value)
-    if not (value > 0 and value < float("inf")):
-        raise CheckpointError(f"checkpoint temperature must be a positive number, not {value}")
-    return value
-
-
-def tta_of(checkpoint: dict) -> str:
-    """The test-time augmentation inference applies ("none" or "hflip"; "none" when absent)."""
-    value = checkpoint.get("test_time_augmentation") or "none"
-    if value not in TTA_MODES:
-        raise CheckpointError(f"checkpoint names unknown test-time augmentation {value!r}")
-    return value
-
-
-def review_threshold_of(checkpoint: dict, explicit: float | None = None) -> float:
-    """needs_review threshold: an explicit value, else the checkpoint's, else 0.7."""
-    if explicit is not None:
-        return float(explicit)
-    value = checkpoint.get("review_threshold")
-    return DEFAULT_REVIEW_THRESHOLD if value is None else float(value)
-
-
-def with_fields(checkpoint: dict, **fields) -> dict:
-    """A copy with extra plain-value fields (temperature, review_threshold, ...). The weights and
-    so `model_id` are unchanged: calibration does not make a new model identity."""
-    return {**checkpoint, **fields}

@@ -30,7 +30,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(check is not None and check())
 
 
-def resolve(precision: str, device: torch.device, *, has_stem: bool = True) -> str:
+def effective_precision(precision: str, device: torch.device, *, has_stem: bool = True) -> str:
     """The concrete precision ("fp32", "fp16", "bf16" or "bf16-stem") that `precision` means
     for a model with (`has_stem`) or without a first block that bf16 speeds up."""
     if precision not in PRECISIONS:
@@ -49,7 +49,8 @@ def prepare(model: nn.Module, device: torch.device, precision: str) -> str:
     are the same whichever precision trained or loads them.
     """
     network = unwrap(model)
-    resolved = resolve(precision, device, has_stem=getattr(network, "stem_layers", 0) > 0)
+    has_stem = getattr(network, "stem_layers", 0) > 0
+    resolved = effective_precision(precision, device, has_stem=has_stem)
     network.bf16_stem = resolved == "bf16-stem"
     return resolved
 
@@ -59,7 +60,7 @@ def autocast_for(device: torch.device, precision: str = "auto"):
 
     bf16-stem needs no context here: the model applies it to its first block (`prepare`).
     """
-    precision = resolve(precision, device)
+    precision = effective_precision(precision, device)
     enabled = precision in ("fp16", "bf16")
     if device.type == "cuda":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16

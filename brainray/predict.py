@@ -1,4 +1,5 @@
-"""Batch inference: a callable class that loads a checkpoint once per actor, returns probabilities.
+"""Batch inference: a callable class that loads a checkpoint once per actor and returns
+probabilities, and the labeled predictions that training and evaluation report on.
 
 Used by evaluation and scoring through `Dataset.map_batches(Predictor, compute=ActorPoolStrategy)`.
 """
@@ -6,31 +7,15 @@ Used by evaluation and scoring through `Dataset.map_batches(Predictor, compute=A
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import ray.data
 import torch
 
-from brainray import storage
-from brainray.config import COL_IMAGE, StorageOptions
-from brainray.model import deserialize, model_from_checkpoint, temperature_of, tta_of
+from brainray.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of, tta_of
+from brainray.config import COL_IMAGE, COL_LABEL, COL_PATH, COL_PROBS, StorageOptions
+from brainray.data import select_rows
 from brainray.precision import autocast_for, prepare
 from brainray.transforms import inference_views, to_model_input
-
-COL_PROBS = "probs"
-
-
-def resolve_checkpoint_uri(model_uri: str, options: StorageOptions) -> str:
-    """A run directory means its best model; anything else is taken as the checkpoint file."""
-    if storage.is_dir(model_uri, options):
-        candidate = storage.join(model_uri, "model.pt")
-        if not storage.exists(candidate, options):
-            raise FileNotFoundError(f"{storage.redact(model_uri)} has no model.pt; is it a "
-                                    "finished brainray run directory?")
-        return candidate
-    return model_uri
-
-
-def load_checkpoint(model_uri: str, options: StorageOptions) -> dict:
-    uri = resolve_checkpoint_uri(model_uri, options)
-    return deserialize(storage.read_bytes(uri, options), source=storage.redact(uri))
 
 
 class Predictor:
@@ -65,3 +50,24 @@ class Predictor:
         out = {k: v for k, v in batch.items() if k != COL_IMAGE}
         out[COL_PROBS] = self.predict(batch[COL_IMAGE])
         return out
+
+
+def predict_labeled(dataset: ray.data.Dataset, paths, model_uri: str, options: StorageOptions,
+                    batch_size: int = 64, num_actors: int = 1,
+                    use_gpu: bool = False, tta: str | None = None) -> pd.DataFrame:
+    """Per-image path, true label and class probabilities (small: the images stay in Ray).
+
+    `tta` overrides the checkpoint's test-time augmentation ("none" or "hflip").
+
+    `paths=None` scores every row of `dataset`, which must hold just path, image and label (a
+    split from `materialize_splits`): filtering it again would copy every image once more.
+    """
+    rows = dataset if paths is None else select_rows(dataset, paths,
+                                                     columns=(COL_PATH, COL_IMAGE, COL_LABEL))
+    predicted = rows.map_batches(
+        Predictor, batch_size=batch_size,
+        fn_constructor_kwargs={"model_uri": model_uri, "options": options, "use_gpu": use_gpu,
+                               "tta": tta},
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0)
+    frame = predicted.select_columns([COL_PATH, COL_LABEL, COL_PROBS]).to_pandas()
+    return frame.sort_values(COL_PATH, kind="stable").reset_index(drop=True)

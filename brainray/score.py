@@ -2,7 +2,7 @@
 
 CPU tasks read files and expand archives/DICOM into images with the checkpoint's preprocessing; an
 actor pool (one model per actor, a GPU each when the cluster has them) scores them; rows are staged
-and committed atomically by `brainray.output`.
+and committed atomically by `brainray.publish`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from brainray import ood, storage
-from brainray import output as publish
+from brainray import ood, publish, storage
+from brainray.checkpoint import (
+    load_checkpoint,
+    locate_checkpoint,
+    preprocess_config,
+    review_threshold_of,
+)
 from brainray.config import PreprocessConfig, ScoreConfig, StorageOptions
-from brainray.model import preprocess_config, review_threshold_of
-from brainray.predict import Predictor, load_checkpoint, resolve_checkpoint_uri
-from brainray.sources import SourceLimits, expand, is_supported
+from brainray.predict import Predictor
+from brainray.unpack import SourceLimits, expand, is_supported
 
 STATUS_OK, STATUS_ERROR = "ok", "error"
 IMAGES_PER_BLOCK = 64  # bounds memory when one archive expands into thousands of images
@@ -342,7 +346,7 @@ def run_scoring(config: ScoreConfig) -> dict:
     print("brainray score\n" + storage.redacted_json(config), flush=True)
     options = config.storage
     storage.ensure_writable(config.output, options)
-    model_uri = resolve_checkpoint_uri(config.model, options)
+    model_uri = locate_checkpoint(config.model, options)
     checkpoint = load_checkpoint(model_uri, options)
     model_id = checkpoint["model_id"]
     threshold = review_threshold_of(checkpoint, config.confidence_threshold)

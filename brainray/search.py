@@ -1,7 +1,7 @@
 """`brainray tune`: a hyperparameter search on Ray Tune whose trials are training runs.
 
-Each trial is `brainray train` itself (`train_job.run_training`) with the trial's values in place
-of the recipe's, writing a complete run directory to <output>/trials/<trial id>/. Ray Train's
+Each trial is `brainray train` itself (`brainray.train.run_training`) with the trial's values in
+place of the recipe's, writing a complete run directory to <output>/trials/<trial id>/. Ray Train's
 epoch reports reach Tune through `TuneReportCallback`, so ASHA can stop weak trials on validation
 loss after `grace_epochs`. Relaunching with the same --output restores the search: finished
 trials are kept, unfinished ones resume from their latest checkpoint.
@@ -29,7 +29,7 @@ from brainray.config import (
     TrainConfig,
     to_dict,
 )
-from brainray.train_job import run_training
+from brainray.train import run_training
 
 EXPERIMENT = "tune"
 TRIALS_DIR = "trials"

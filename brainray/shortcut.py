@@ -23,9 +23,12 @@ images exceeds 1.5 x chance.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
-from brainray.config import COL_IMAGE, COL_LABEL
+from brainray.config import COL_IMAGE, COL_LABEL, COL_PATH, COL_PROBS
+from brainray.data import select_rows
+from brainray.predict import predict_labeled
 
 THRESHOLD_FRACTION = 0.10
 MIN_THRESHOLD = 5.0
@@ -121,13 +124,6 @@ def run_shortcut_check(dataset, paths, model_uri: str, options, classes: list[st
                        full_predictions, batch_size: int = 64, num_actors: int = 1,
                        use_gpu: bool = False) -> dict:
     """Predict brain-only and background-only versions of the images (Ray Data) and report."""
-    import pandas as pd
-
-    from brainray.config import COL_PATH
-    from brainray.data import select_rows
-    from brainray.evaluate import predict_labeled
-    from brainray.predict import COL_PROBS
-
     rows = select_rows(dataset, paths, columns=(COL_PATH, COL_IMAGE, COL_LABEL))
     probs = {}
     for keep in MODES:

@@ -1,435 +1,361 @@
-"""The Ray Train loop: DDP training of one model, early stopping, resumable checkpoints.
+"""The training job: read and split the data, run the TorchTrainer, write the run report.
 
-`train_loop_per_worker` runs on every worker; the driver side (data, trainer, report) is in
-`brainray.train_job`.
+A run directory (local or s3://) ends up holding: config.json, split.parquet, the Ray Train
+checkpoints, model.pt (the best model), metrics.json, predictions.parquet and the PNG plots.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-import tempfile
+import dataclasses
+import posixpath
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import ray
+import pandas as pd
 import ray.train
-import ray.train.torch
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from ray.train.torch import TorchTrainer
 
-from brainray.backbones import load_backbone
-from brainray.config import COL_IMAGE, COL_LABEL, AugmentConfig, PreprocessConfig
-from brainray.model import build_model, count_parameters, make_checkpoint, serialize, unwrap
-from brainray.precision import autocast_for, prepare
-from brainray.transforms import augment_batch, augmentation_generator, to_model_input
+from brainray import backbones, baseline, calibration, ood, storage
+from brainray import metrics as metric_fns
+from brainray import split as splitting
+from brainray.checkpoint import (
+    CONFIG_FILE,
+    COVERAGE_PNG,
+    MODEL_CARD_FILE,
+    MODEL_FILE,
+    RELIABILITY_PNG,
+    SPLIT_FILE,
+    TRAIN_STATE_FILE,
+    deserialize,
+    model_from_checkpoint,
+    read_train_state,
+    save_checkpoint,
+    tta_of,
+    with_fields,
+)
+from brainray.config import (
+    COL_ERROR,
+    COL_GROUP,
+    COL_LABEL,
+    COL_PATH,
+    COL_SHA256,
+    COL_SPLIT,
+    COL_THUMBNAIL,
+    TrainConfig,
+    to_dict,
+)
+from brainray.data import (
+    LabeledData,
+    assign_splits,
+    load_labeled,
+    materialize_splits,
+)
+from brainray.model import count_parameters
+from brainray.model_card import render_model_card
+from brainray.predict import predict_labeled
+from brainray.report import compute_metrics, predictions_table, skipped_files, write_report
+from brainray.train_loop import train_loop_per_worker
 
-MODEL_FILE = "model.pt"
-TRAIN_STATE_FILE = "train_state.pt"
-PROGRESS_INTERVAL_S = 30.0
-
-
-@dataclass
-class LoopState:
-    """What a resumed run needs besides weights and optimizer: where it was and how it went."""
-
-    next_epoch: int = 0
-    best_val_loss: float = math.inf
-    best_epoch: int = -1
-    epochs_since_best: int = 0
-    history: list[dict] = field(default_factory=list)
-    resumed_at_epochs: list[int] = field(default_factory=list)  # after relaunches and failures
-
-
-def update_early_stopping(state: LoopState, val_loss: float, epoch: int, patience: int) -> bool:
-    """Track the best validation loss; True once it has not improved for `patience` epochs."""
-    if val_loss < state.best_val_loss:
-        state.best_val_loss, state.best_epoch, state.epochs_since_best = val_loss, epoch, 0
-    else:
-        state.epochs_since_best += 1
-    return state.epochs_since_best >= patience
-
-
-def print0(message: str) -> None:
-    """Print once, from rank 0. Bypasses Ray Train's patched `print`, which echoes every line
-    twice (to its logger and to the captured stdout) on the driver."""
-    if ray.train.get_context().get_world_rank() == 0:
-        sys.stdout.write(message + "\n")
-        sys.stdout.flush()
-
-
-# One-cycle (Smith & Topor, 2017, as torch's OneCycleLR): up from lr / 25 over the first 25% of
-# the steps, then cosine down to lr / 25e4. Written as a factor of the peak so that one LambdaLR
-# serves every schedule and a resumed run may raise --epochs.
-ONECYCLE_WARM_FRACTION = 0.25
-ONECYCLE_START, ONECYCLE_END = 1 / 25, 1 / 25e4
+# Changing these on a relaunch would silently train a different experiment under the same name.
+_RESUME_MUST_MATCH = ("data", "test_data", "classes", "model", "width", "depth", "weights", "seed",
+                      "val_fraction", "test_fraction", "dedup_max_hamming",
+                      "dedup_min_similarity", "preprocess")
+# A config.json written before a field existed ran with that field's default.
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def _cosine(progress: float, start: float, end: float) -> float:
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+def _check_resume(config: TrainConfig) -> None:
+    uri = storage.join(config.run_dir, CONFIG_FILE)
+    if not storage.exists(uri, config.storage):
+        return
+    previous = storage.read_json(uri, config.storage)
+    current = storage.redact_values(to_dict(config))
+    changed = [k for k in _RESUME_MUST_MATCH
+               if previous.get(k, _FIELD_DEFAULTS.get(k)) != current.get(k)]
+    if changed:
+        raise ValueError(f"{storage.redact(config.run_dir)} holds a run with different "
+                         f"{', '.join(changed)}; use a new --run-dir or the same settings")
+    print(f"resuming the run in {storage.redact(config.run_dir)}", flush=True)
 
 
-def lr_factor(step: int, steps_per_epoch: int, config: dict) -> float:
-    """The learning rate at optimizer step `step`, as a fraction of the peak `lr`."""
-    total = max(1, config["epochs"] * steps_per_epoch)
-    if config["lr_schedule"] == "onecycle":
-        warm = max(1, round(ONECYCLE_WARM_FRACTION * total))
-        if step < warm:
-            return _cosine(step / warm, ONECYCLE_START, 1.0)
-        return _cosine((step - warm) / max(1, total - warm), 1.0, ONECYCLE_END)
-    warmup = config["warmup_epochs"] * steps_per_epoch
-    if step < warmup:  # linear warm-up, then cosine decay to zero (or constant)
-        return (step + 1) / warmup
-    if config["lr_schedule"] == "constant":
-        return 1.0
-    return _cosine((step - warmup) / max(1, total - warmup), 1.0, 0.0)
+def _run_config(config: TrainConfig, callbacks: list | None = None) -> ray.train.RunConfig:
+    fs, path = storage.resolve(config.run_dir, config.storage)
+    parent, name = posixpath.split(path.rstrip("/"))
+    return ray.train.RunConfig(
+        name=name, storage_path=parent, storage_filesystem=fs, callbacks=callbacks,
+        # The latest checkpoint is always kept too (for resume), besides the best by val loss.
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
+        failure_config=ray.train.FailureConfig(max_failures=config.max_failures))
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device, *,
-                   kind: str = "adam", backbone_lr_factor: float | None = None
-                   ) -> torch.optim.Optimizer:
-    """Adam or AdamW with the fused kernel where PyTorch has one (CPU and CUDA): the same update
-    rule, one pass over the parameters instead of a chain of elementwise ops (~12% of a
-    paper_cnn step on 2 CPU cores).
+def _loop_config(config: TrainConfig, n_train: int, initial_weights=None,
+                 initial_weights_source: dict | None = None) -> dict:
+    """The workers' view of the run: the config's fields plus what the driver resolved."""
+    return {**to_dict(config), "config": to_dict(config), "n_train": n_train,
+            "architecture": config.architecture, "initial_weights": initial_weights,
+            "initial_weights_source": initial_weights_source}
 
-    With `backbone_lr_factor` (fine-tuning pretrained weights), every parameter but the new
-    classification head learns at lr x factor, so the head can catch up without the backbone
-    forgetting what it brought.
+
+def prepare_splits(config: TrainConfig) -> tuple[LabeledData, LabeledData | None, pd.DataFrame]:
+    classes = list(config.classes)
+    labeled = load_labeled(config.data, classes, config.preprocess, config.storage)
+    held_out = (load_labeled(config.test_data, classes, config.preprocess, config.storage)
+                if config.test_data else None)
+    index = assign_splits(labeled.index, config.split_fractions, config.seed,
+                          config.dedup_max_hamming, held_out.index if held_out else None,
+                          config.dedup_min_similarity)
+    return labeled, held_out, index
+
+
+def _split_summary(index: pd.DataFrame, classes: list[str]) -> dict:
+    summary = splitting.split_report(index[COL_LABEL].to_numpy(), index[COL_GROUP].to_numpy(),
+                                     index[COL_SPLIT].to_numpy(), classes)
+    summary["method"] = ("exact duplicates (same sha256) and near-duplicates (perceptual dHash "
+                         "within the Hamming distance) are grouped; whole groups are assigned to "
+                         "one split, stratified by class")
+    return summary
+
+
+def _print_split(summary: dict) -> None:
+    print(f"split: {summary['n_images']} images in {summary['n_groups']} groups; "
+          f"{summary['n_duplicate_groups']} duplicate groups hold "
+          f"{summary['n_images_in_duplicate_groups']} images and are kept within one split",
+          flush=True)
+    for name, counts in summary["counts"].items():
+        print(f"  {name:>22}: {sum(counts.values()):5d}  {counts}", flush=True)
+
+
+def _baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
+                      classes: list[str]) -> dict:
+    """The 1-nearest-neighbour thumbnail baseline on the same split: what memory alone scores."""
+    predicted = baseline.nearest_neighbour_predict(
+        np.stack(train_index[COL_THUMBNAIL].to_numpy()), train_index[COL_LABEL].to_numpy(),
+        np.stack(test_index[COL_THUMBNAIL].to_numpy()))
+    one_hot = np.eye(len(classes))[predicted]
+    full = metric_fns.classification_metrics(test_index[COL_LABEL].to_numpy(), one_hot, classes)
+    return {"method": "1-nearest-neighbour on 32x32 grayscale thumbnails of the train split",
+            **{k: full[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "n_images")}}
+
+
+def _checkpoint_file(checkpoint, name: str) -> str:
+    return storage.join(storage.to_uri(checkpoint.filesystem, checkpoint.path), name)
+
+
+def _best_model(result, config: TrainConfig) -> tuple[dict, dict]:
+    """Copy the best checkpoint's model to run_dir/model.pt; return it and the loop's state.
+
+    Only the two files needed are read: downloading the whole latest checkpoint (weights and
+    optimizer state) just for its small train_state.pt would triple the S3 traffic.
     """
-    network = unwrap(model)
-    groups = [{"params": list(network.parameters())}]
-    if backbone_lr_factor is not None and hasattr(network, "head_parameter_names"):
-        head = network.head_parameter_names()
-        named = list(network.named_parameters())
-        groups = [{"params": [p for n, p in named if n not in head], "lr": lr * backbone_lr_factor},
-                  {"params": [p for n, p in named if n in head], "lr": lr}]
-    optimizer_class = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-    fused = device.type in ("cpu", "cuda")
-    return optimizer_class(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    best_uri = _checkpoint_file(result.get_best_checkpoint(metric="val_loss", mode="min"),
+                                MODEL_FILE)
+    model_bytes = storage.read_bytes(best_uri, config.storage)
+    storage.write_bytes(storage.join(config.run_dir, MODEL_FILE), model_bytes, config.storage)
+    state_bytes = storage.read_bytes(_checkpoint_file(result.checkpoint, TRAIN_STATE_FILE),
+                                     config.storage)
+    state = read_train_state(state_bytes)
+    return deserialize(model_bytes, source=best_uri), state["loop_state"]
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, loop: dict
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Steps once per optimizer step; every group follows the same factor of its own peak."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, loop["steps_per_epoch"], loop))
+def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.DataFrame,
+                         checkpoint: dict
+                         ) -> tuple[pd.DataFrame, dict, dict]:
+    """Temperature scaling and the review threshold (fitted on validation, reported on test) and
+    the OOD reference (training images); model.pt is rewritten with them, same model_id.
+
+    A failure here is reported in metrics.json and leaves the uncalibrated model in place: it
+    never throws away a finished training run.
+    """
+    options, model_uri = config.storage, storage.join(config.run_dir, MODEL_FILE)
+    fields, report = {}, {}
+    try:
+        val_predictions = predict_labeled(splits["val"], None, model_uri, options,
+                                          use_gpu=config.use_gpu)
+        result = calibration.calibrate_run(val_predictions, predictions, config.target_accuracy)
+        predictions = result.test_predictions
+        report.update(result.report)
+        fields.update(temperature=result.temperature, review_threshold=result.review_threshold,
+                      calibration=result.report)
+        storage.write_bytes(storage.join(config.run_dir, RELIABILITY_PNG),
+                            result.reliability_png, options)
+        storage.write_bytes(storage.join(config.run_dir, COVERAGE_PNG), result.coverage_png,
+                            options)
+        cal, abst = result.report["calibration"], result.report["abstention"]
+        print(f"calibration: temperature {cal['temperature']:.3f}; test ECE "
+              f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} "
+              f"-> {cal['nll_after']:.4f}; review threshold {abst['threshold']:.3f} (target "
+              f"accuracy {abst['target_accuracy']}: test coverage {abst['test_coverage']:.1%})",
+              flush=True)
+    except Exception as exc:
+        report["calibration"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"warning: calibration failed, the model stays uncalibrated: {exc}", flush=True)
+    try:
+        fields["ood_reference"] = ood.reference_from_dataset(
+            splits["train"])
+        report["ood_reference"] = fields["ood_reference"]
+    except Exception as exc:
+        print(f"warning: no OOD reference from the training images: {exc}", flush=True)
+    if fields:
+        checkpoint = with_fields(checkpoint, **fields)
+        save_checkpoint(model_uri, checkpoint, options)
+    return predictions, checkpoint, report
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the weights and BatchNorm statistics (decay per step),
-    or None when `decay` is 0."""
-    if not decay:
+def _initial_weights(config: TrainConfig) -> tuple[object | None, dict | None]:
+    """The pretrained weights (`--weights`), checked against the architecture on the driver so
+    that a wrong file fails before any data is read, and put once into the object store for the
+    workers; with their provenance (source and SHA-256) for the checkpoint."""
+    if config.weights is None:
+        return None, None
+    state_dict, provenance = backbones.initial_weights(
+        config.weights, config.model, lambda uri: storage.read_bytes(uri, config.storage))
+    print(f"initial weights: {provenance['source']} (sha256 {provenance['sha256'][:16]}...)",
+          flush=True)
+    return ray.put(state_dict), provenance
+
+
+def _start(config: TrainConfig) -> None:
+    """Print and save the resolved config; refuse a relaunch that changes the experiment."""
+    overrides = config.recipe_overrides()
+    print(f"brainray train: recipe {config.recipe}"
+          + (f", overridden: {overrides}" if overrides else "") + "\n"
+          + storage.redacted_json(config), flush=True)
+    storage.ensure_writable(config.run_dir, config.storage)
+    _check_resume(config)
+    storage.write_text(storage.join(config.run_dir, CONFIG_FILE), storage.redacted_json(config),
+                       config.storage)
+
+
+def _split_paths(index: pd.DataFrame, has_held_out: bool) -> dict[str, pd.Series]:
+    paths = {name: index.loc[index[COL_SPLIT] == name, COL_PATH] for name in ("train", "val",
+                                                                            "test")}
+    if min(len(paths["train"]), len(paths["val"])) == 0:
+        raise ValueError("too few usable images to make non-empty train and validation splits")
+    if not has_held_out and len(paths["test"]) == 0:
+        raise ValueError("too few usable images to make a non-empty test split")
+    return paths
+
+
+def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights,
+         callbacks: list | None) -> tuple:
+    """Run the TorchTrainer; the result and its wall time in seconds."""
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=_loop_config(config, n_train, *initial_weights),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=_run_config(config, callbacks),
+        datasets={"train": splits["train"], "val": splits["val"]},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    started = time.perf_counter()
+    result = trainer.fit()
+    return result, time.perf_counter() - started
+
+
+def _test_set(config: TrainConfig, held_out: LabeledData | None, index: pd.DataFrame,
+              splits: dict) -> tuple:
+    """The test images as a dataset (and the paths to select from it) and their index rows."""
+    if held_out is None:
+        return splits["test"], None, index[index[COL_SPLIT] == "test"]
+    usable = held_out.index[held_out.index[COL_ERROR] == ""]
+    return held_out.dataset, usable[COL_PATH], usable
+
+
+def _without_tta(config: TrainConfig, source, paths, classes: list[str]) -> dict | None:
+    """Test figures of the same (calibrated) model without its test-time augmentation: what
+    TTA adds."""
+    if config.tta == "none":
         return None
-    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay),
-                         use_buffers=True)
+    plain = predict_labeled(source, paths, storage.join(config.run_dir, MODEL_FILE),
+                            config.storage, use_gpu=config.use_gpu, tta="none")
+    full = compute_metrics(plain, classes)
+    return {k: full[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "loss")}
 
 
-def update_ema(ema: AveragedModel, model: nn.Module, epoch: int, warmup_epochs: int) -> None:
-    """Average in the current weights; during warm-up the average restarts from them at every
-    step (as torchvision's reference recipe does), so it never carries the random start."""
-    ema.update_parameters(unwrap(model))
-    if epoch < warmup_epochs:
-        ema.n_averaged.fill_(0)
+def _near_duplicates(train_index: pd.DataFrame, test_index: pd.DataFrame) -> dict:
+    similarity = baseline.nearest_similarity(np.stack(train_index[COL_THUMBNAIL].to_numpy()),
+                                             np.stack(test_index[COL_THUMBNAIL].to_numpy()))
+    return baseline.leakage_summary(similarity)
 
 
-def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+def run_training(config: TrainConfig, callbacks: list | None = None) -> dict:
+    """`brainray train`; `callbacks` (Ray Train user callbacks) see every epoch's report, as
+    Ray Tune's does when a search runs this as a trial."""
+    _start(config)
+    initial_weights = _initial_weights(config)
+    classes = list(config.classes)
+    labeled, held_out, index = prepare_splits(config)
+    split_summary = _split_summary(index, classes)
+    _print_split(split_summary)
+    storage.write_bytes(storage.join(config.run_dir, SPLIT_FILE), index[
+        [COL_PATH, COL_LABEL, COL_SHA256, COL_GROUP, COL_SPLIT]].to_parquet(index=False),
+        config.storage)
+    paths = _split_paths(index, held_out is not None)
+    splits = materialize_splits(labeled.dataset, paths, config.seed)
+    labeled = LabeledData(dataset=None, index=labeled.index)  # frees the unsplit copy
+
+    result, wall_s = _fit(config, splits, len(paths["train"]), initial_weights, callbacks)
+    checkpoint, loop_state = _best_model(result, config)
+    test_source, test_paths, test_index = _test_set(config, held_out, index, splits)
+    predictions = predict_labeled(test_source, test_paths,
+                                  storage.join(config.run_dir, MODEL_FILE), config.storage,
+                                  use_gpu=config.use_gpu)
+    predictions, checkpoint, trust_report = _calibrate_and_guard(config, splits, predictions,
+                                                                 checkpoint)
+    train_index = index[index[COL_SPLIT] == "train"]
+    report = _report(config, checkpoint, loop_state, wall_s, {
+        **compute_metrics(predictions, classes),
+        "baseline_1nn": _baseline_metrics(train_index, test_index, classes),
+        "near_duplicates": _near_duplicates(train_index, test_index),
+        "without_tta": _without_tta(config, test_source, test_paths, classes),
+        "split": split_summary,
+        "skipped_files": skipped_files(labeled.index) + (
+            skipped_files(held_out.index) if held_out is not None else []),
+        **trust_report})
+    write_report(config.run_dir, report, config.storage, predictions_table(predictions, classes),
+                 report["history"])
+    storage.write_text(storage.join(config.run_dir, MODEL_CARD_FILE), render_model_card(report),
+                       config.storage)
+    _print_summary(report, config)
+    return report
 
 
-def _to_device(batch: dict[str, np.ndarray], device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and int64 labels of a numpy batch, on the device; other columns (the path)
-    ride along in the split datasets for evaluation and are ignored here."""
-    images = torch.from_numpy(np.ascontiguousarray(batch[COL_IMAGE]))
-    labels = torch.from_numpy(np.array(batch[COL_LABEL], dtype=np.int64))  # writable copy
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+def _report(config: TrainConfig, checkpoint: dict, loop_state: dict, wall_s: float,
+            results: dict) -> dict:
+    history = loop_state["history"]
+    images_trained = sum(h["train_images"] for h in history)
+    return {
+        **results,
+        "model_name": config.model, "model_id": checkpoint["model_id"],
+        "architecture": checkpoint.get("architecture", {}),
+        "initial_weights": checkpoint.get("initial_weights"),
+        "test_time_augmentation": tta_of(checkpoint),
+        "n_parameters": count_parameters(model_from_checkpoint(checkpoint)),
+        "best_epoch": checkpoint["epoch"], "history": history,
+        "resumed_at_epochs": loop_state.get("resumed_at_epochs", []),
+        "training_wall_s": wall_s,
+        "training_images_per_s": images_trained / max(sum(h["train_seconds"] for h in history),
+                                                      1e-9),
+        "recipe": config.recipe, "recipe_overrides": config.recipe_overrides(),
+        "config": to_dict(config),
+    }
 
 
-class EpochMeter:
-    """One epoch's sums (kept on the device: a .item() per step would stall a GPU's queue), the
-    time the model sat idle waiting for data, and a progress line every PROGRESS_INTERVAL_S."""
-
-    def __init__(self, device: torch.device, epoch: int):
-        self.epoch = epoch
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.device, self.seen, self.input_wait = device, 0, 0.0
-        self.started = self.last_print = time.perf_counter()
-
-    def timed(self, batches):
-        """Yield from `batches`, adding the time each one took to arrive to the input wait."""
-        batches = iter(batches)
-        while True:
-            waited_from = time.perf_counter()
-            batch = next(batches, None)
-            self.input_wait += time.perf_counter() - waited_from
-            if batch is None:
-                return
-            yield batch
-
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.loss_sum += loss.detach().double() * len(y)
-        self.correct += (logits.argmax(1) == y).sum()
-        self.seen += len(y)
-        now = time.perf_counter()
-        if now - self.last_print > PROGRESS_INTERVAL_S:
-            print0(f"  epoch {self.epoch + 1}: {self.seen} images, loss "
-                   f"{self.loss_sum.item() / self.seen:.4f}, "
-                   f"{self.seen / (now - self.started):.1f} img/s on this worker")
-            self.last_print = now
-
-    def summary(self) -> dict:
-        """The epoch's figures over all workers."""
-        elapsed = time.perf_counter() - self.started
-        loss_sum, correct, seen, input_wait = _all_reduce_sums(
-            [self.loss_sum.item(), self.correct.item(), self.seen, self.input_wait], self.device)
-        world = ray.train.get_context().get_world_size()
-        return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "train_images": int(seen), "train_seconds": elapsed,
-                "images_per_s": seen / max(elapsed, 1e-9),
-                "input_wait_fraction": input_wait / world / max(elapsed, 1e-9)}
-
-
-def _epoch_batches(shard, loop: dict, epoch: int, rank: int):
-    return shard.iter_batches(
-        batch_size=loop["batch_size_per_worker"], batch_format="numpy", prefetch_batches=2,
-        local_shuffle_buffer_size=loop["shuffle_buffer_images"],
-        local_shuffle_seed=loop["seed"] * 1_000_003 + epoch * 1_009 + rank)
-
-
-def _training_input(batch, loop: dict, generator: torch.Generator, device: torch.device):
-    images, y = _to_device(batch, device)
-    x = to_model_input(images)
-    augment: AugmentConfig | None = loop["augment_config"]
-    if augment is not None:
-        x = augment_batch(x, augment, generator).contiguous(memory_format=torch.channels_last)
-    return x, y
-
-
-def train_one_epoch(model, optimizer, scheduler, scaler, ema, shard, loop: dict, epoch: int,
-                    device: torch.device) -> dict:
-    model.train()
-    rank = ray.train.get_context().get_world_rank()
-    generator = augmentation_generator(loop["seed"], epoch, rank)
-    meter = EpochMeter(device, epoch)
-    for batch in meter.timed(_epoch_batches(shard, loop, epoch, rank)):
-        x, y = _training_input(batch, loop, generator, device)
-        with autocast_for(device, loop["precision"]):
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits.float(), y,
-                                               label_smoothing=loop["label_smoothing"])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            update_ema(ema, model, epoch, loop["warmup_epochs"])
-        meter.update(loss, logits, y)
-    return meter.summary()
-
-
-def evaluate_epoch(model, val_iterator, loop: dict, device: torch.device) -> dict:
-    """Exact validation loss and accuracy (plain cross-entropy, whatever the training loss):
-    each worker takes every world_size-th batch of all."""
-    model.eval()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    loss_sum, correct, seen = 0.0, 0, 0
-    batches = val_iterator.iter_batches(batch_size=loop["batch_size_per_worker"] * 2,
-                                        batch_format="numpy")
-    with torch.inference_mode():
-        for i, batch in enumerate(batches):
-            if i % world != rank:
-                continue
-            images, y = _to_device(batch, device)
-            with autocast_for(device, loop["precision"]):
-                logits = unwrap(model)(to_model_input(images))
-            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-    loss_sum, correct, seen = _all_reduce_sums([loss_sum, correct, seen], device)
-    return {"val_loss": loss_sum / max(seen, 1), "val_accuracy": correct / max(seen, 1),
-            "val_images": int(seen)}
-
-
-def validate(model, ema, val_iterator, loop: dict, device: torch.device) -> dict:
-    """Validation of the model that is checkpointed (the EMA when there is one); with an EMA, the
-    raw weights' figures too, so a run shows what the average adds."""
-    if ema is None:
-        return evaluate_epoch(model, val_iterator, loop, device)
-    raw = evaluate_epoch(model, val_iterator, loop, device)
-    return {**evaluate_epoch(ema.module, val_iterator, loop, device),
-            "val_loss_raw": raw["val_loss"], "val_accuracy_raw": raw["val_accuracy"]}
-
-
-@dataclass
-class Trainable:
-    """What the loop updates and a checkpoint must restore."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    ema: AveragedModel | None
-
-    @property
-    def evaluated(self) -> nn.Module:
-        """The weights that are validated, checkpointed and shipped."""
-        return self.ema.module if self.ema is not None else unwrap(self.model)
-
-    def state(self, loop_state: LoopState) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "loop_state": asdict(loop_state)}
-        if self.ema is not None:  # model.pt then holds the average: keep the raw weights too
-            state["raw_state_dict"] = unwrap(self.model).state_dict()
-            state["ema_n_averaged"] = self.ema.n_averaged
-        return state
-
-
-def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
-    """A run may be relaunched in another precision (fp32 on CPU, then fp16 on a GPU): the loss
-    scaler then starts afresh instead of failing on the other precision's (empty) state."""
-    if scaler.is_enabled() and saved:
-        scaler.load_state_dict(saved)
-    elif scaler.is_enabled() != bool(saved):
-        print0("the precision differs from the checkpoint's: starting with a fresh loss scaler")
-
-
-def _restore(trainable: Trainable, loop: dict) -> LoopState:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return LoopState()
-    with checkpoint.as_directory() as directory:
-        weights = torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu",
-                             weights_only=True)
-        state = torch.load(os.path.join(directory, TRAIN_STATE_FILE), map_location="cpu",
-                           weights_only=True)
-    unwrap(trainable.model).load_state_dict(state.get("raw_state_dict", weights["state_dict"]))
-    if trainable.ema is not None:
-        trainable.ema.module.load_state_dict(weights["state_dict"])
-        trainable.ema.n_averaged.copy_(state.get("ema_n_averaged", torch.tensor(0)))
-    trainable.optimizer.load_state_dict(state["optimizer"])
-    if "scheduler" in state:
-        trainable.scheduler.load_state_dict(state["scheduler"])
-    else:  # written before the schedule was an object: it kept the step count itself
-        trainable.scheduler.last_epoch = state["step"]
-    _restore_scaler(trainable.scaler, state["scaler"])
-    restored = LoopState(**state["loop_state"])
-    restored.resumed_at_epochs.append(restored.next_epoch + 1)
-    print0(f"resuming from the checkpoint of epoch {restored.next_epoch} "
-           f"(best val loss {restored.best_val_loss:.4f} at epoch {restored.best_epoch + 1})")
-    return restored
-
-
-def _report(trainable: Trainable, loop: dict, state: LoopState, metrics: dict) -> None:
-    """Report metrics from every worker (a barrier) and a checkpoint from rank 0."""
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        payload = make_checkpoint(
-            trainable.evaluated, model_name=loop["model"], classes=loop["classes"],
-            preprocess=loop["preprocess_config"], config=loop["config"], metrics=metrics,
-            epoch=metrics["epoch"], architecture=loop["architecture"],
-            test_time_augmentation=loop["tta"], initial_weights=loop["initial_weights_source"])
-        with open(os.path.join(directory, MODEL_FILE), "wb") as f:
-            f.write(serialize(payload))
-        torch.save(trainable.state(state), os.path.join(directory, TRAIN_STATE_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def _format_epoch(metrics: dict, epochs: int, eta_s: float) -> str:
-    return (f"epoch {metrics['epoch']}/{epochs}  "
-            f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}  |  "
-            f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}  |  "
-            f"{metrics['images_per_s']:.1f} img/s (waiting for data "
-            f"{metrics['input_wait_fraction']:.0%})  lr {metrics['lr']:.2e}  "
-            f"ETA {eta_s / 60:.1f} min (at most)")
-
-
-def _thread_count(loop: dict) -> int:
-    """Explicit --torch-threads, else this node's cores split among the workers placed on it.
-
-    Ray reserves `cpus_per_worker` for scheduling, but a worker that is alone on a node can use
-    every core while Ray Data tasks (light once images are cached) fit in between.
-    """
-    if loop["torch_threads"] > 0:
-        return loop["torch_threads"]
-    local_workers = max(1, ray.train.get_context().get_local_world_size())
-    return max(int(loop["cpus_per_worker"]), (os.cpu_count() or 1) // local_workers, 1)
-
-
-def _build(loop: dict, device: torch.device) -> Trainable:
-    """Model (initial weights loaded before DDP broadcasts rank 0's), optimizer, schedule,
-    loss scaler and EMA; nothing restored yet."""
-    torch.manual_seed(loop["seed"])  # the same initial weights on every rank
-    model = build_model(loop["model"], len(loop["classes"]), loop["preprocess"]["image_size"],
-                        loop["architecture"])
-    if loop.get("initial_weights") is not None and ray.train.get_checkpoint() is None:
-        load_backbone(model, ray.get(loop["initial_weights"]), loop["weights"])
-    precision = prepare(model, device, loop["precision"])
-    print0(f"model {loop['model']}: {count_parameters(model):,} parameters, precision "
-           f"{precision}" + (" (auto)" if loop["precision"] == "auto" else ""))
-    loop["precision"] = precision
-    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    # Dropout and augmentation draw from here: each rank its own stream (the same stream on
-    # every rank would give every worker the same dropout masks).
-    torch.manual_seed(loop["seed"] * 1_000_003 + 7919 * (ray.train.get_context().get_world_rank()
-                                                        + 1))
-    optimizer = make_optimizer(
-        model, loop["lr"], loop["weight_decay"], device, kind=loop["optimizer"],
-        backbone_lr_factor=loop["backbone_lr_factor"] if loop["weights"] else None)
-    # Loss scaling only matters for fp16 on GPU; elsewhere the scaler is a no-op passthrough.
-    scaler = torch.amp.GradScaler(device.type,
-                                  enabled=device.type == "cuda" and precision == "fp16")
-    return Trainable(model, optimizer, make_scheduler(optimizer, loop), scaler,
-                     make_ema(model, loop["ema_decay"]))
-
-
-def train_loop_per_worker(loop: dict) -> None:
-    """Build model and optimizer, resume if a checkpoint exists, train epochs, early-stop."""
-    torch.set_num_threads(_thread_count(loop))
-    device = ray.train.torch.get_device()
-    world = ray.train.get_context().get_world_size()
-    loop = dict(loop, augment_config=AugmentConfig.preset(loop["augment"]),
-                preprocess_config=PreprocessConfig(**loop["preprocess"]),
-                steps_per_epoch=max(1, math.ceil(loop["n_train"] / (
-                    loop["batch_size_per_worker"] * world))))
-    trainable = _build(loop, device)
-    state = _restore(trainable, loop)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_iterator = ray.train.get_dataset_shard("val")
-    if state.epochs_since_best >= loop["patience"]:
-        print0(f"run already stopped early at epoch {state.next_epoch}; nothing to train")
-        return
-    epoch_seconds: list[float] = []
-    for epoch in range(state.next_epoch, loop["epochs"]):
-        started = time.perf_counter()
-        lr = trainable.optimizer.param_groups[-1]["lr"]  # the head's, when groups differ
-        metrics = {"epoch": epoch + 1, "precision": loop["precision"], "lr": lr,
-                   **train_one_epoch(trainable.model, trainable.optimizer, trainable.scheduler,
-                                     trainable.scaler, trainable.ema, train_shard, loop, epoch,
-                                     device),
-                   **validate(trainable.model, trainable.ema, val_iterator, loop, device)}
-        stop = update_early_stopping(state, metrics["val_loss"], epoch, loop["patience"])
-        metrics.update(best_val_loss=state.best_val_loss, best_epoch=state.best_epoch + 1,
-                       stopped_early=stop and epoch + 1 < loop["epochs"],
-                       epoch_seconds=time.perf_counter() - started)
-        state.history.append(metrics)
-        state.next_epoch = epoch + 1
-        epoch_seconds.append(metrics["epoch_seconds"])
-        eta = sum(epoch_seconds) / len(epoch_seconds) * (loop["epochs"] - epoch - 1)
-        print0(_format_epoch(metrics, loop["epochs"], eta))
-        _report(trainable, loop, state, metrics)
-        if stop:
-            print0(f"early stopping: no val-loss improvement for {loop['patience']} epochs; "
-                   f"best epoch {state.best_epoch + 1}")
-            break
+def _print_summary(report: dict, config: TrainConfig) -> None:
+    nn_baseline, leakage = report["baseline_1nn"], report["near_duplicates"]
+    print(f"test set ({report['n_images']} images, best epoch {report['best_epoch']}):\n"
+          + metric_fns.format_summary(report), flush=True)
+    if report["without_tta"]:
+        print(f"without test-time augmentation: accuracy {report['without_tta']['accuracy']:.4f}",
+              flush=True)
+    print(f"trivial baseline (1-NN on thumbnails, same split): accuracy "
+          f"{nn_baseline['accuracy']:.4f}, macro F1 {nn_baseline['macro_f1']:.4f}; test images "
+          f"whose nearest training thumbnail is > 0.95 / > 0.99 similar: "
+          f"{leakage['share_above_0.95']:.1%} / {leakage['share_above_0.99']:.1%}", flush=True)
+    if report["skipped_files"]:
+        print(f"skipped {len(report['skipped_files'])} unreadable file(s), listed in metrics.json:")
+        for item in report["skipped_files"][:10]:
+            print(f"  {item['path']}: {item['error']}")
+    print(f"run written to {storage.redact(config.run_dir)}", flush=True)

@@ -50,7 +50,8 @@ def write_checkpoint(path: Path, classes=DEFAULT_CLASSES, image_size: int = 32) 
     """A fixed, untrained paper_cnn checkpoint (small images keep scoring fast)."""
     import torch
 
-    from brainray.model import build_model, make_checkpoint, serialize
+    from brainray.checkpoint import make_checkpoint, serialize
+    from brainray.model import build_model
 
     torch.manual_seed(0)
     model = build_model("paper_cnn", len(classes), image_size)

@@ -24,7 +24,7 @@ from brainray.backbones import (
     initial_weights,
     load_backbone,
 )
-from brainray.train import make_optimizer
+from brainray.train_loop import make_optimizer
 
 
 def _imagenet_state(name: str, seed: int = 0) -> dict:

@@ -10,11 +10,8 @@ import pytest
 import torch
 
 from brainray import calibration as cal
-from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
-from brainray.metrics import expected_calibration_error
-from brainray.model import (
+from brainray.checkpoint import (
     DEFAULT_REVIEW_THRESHOLD,
-    build_model,
     deserialize,
     make_checkpoint,
     review_threshold_of,
@@ -22,6 +19,9 @@ from brainray.model import (
     temperature_of,
     with_fields,
 )
+from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
+from brainray.metrics import expected_calibration_error
+from brainray.model import build_model
 from brainray.predict import Predictor
 from tests.conftest import synthetic_scan
 
@@ -132,7 +132,7 @@ def test_checkpoint_without_new_fields_behaves_as_before(tmp_path):
     path.write_bytes(serialize(old))
     predictor = Predictor(str(path), StorageOptions())
     images = np.stack([np.asarray(synthetic_scan(i, i, 32, "RGB")) for i in range(4)])
-    from brainray.model import model_from_checkpoint
+    from brainray.checkpoint import model_from_checkpoint
     from brainray.transforms import to_model_input
 
     with torch.inference_mode():
@@ -161,7 +161,7 @@ def test_calibrated_checkpoint_keeps_model_id_and_predictor_divides_logits(tmp_p
 
 
 def test_bad_temperature_in_a_checkpoint_is_refused():
-    from brainray.model import CheckpointError
+    from brainray.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError):
         temperature_of({"temperature": -1.0})

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from brainray import cli
+from brainray.checkpoint import make_checkpoint, serialize, with_fields
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig
 from brainray.explain import GradCam, last_conv, overlay_name, render_overlay
-from brainray.model import build_model, make_checkpoint, serialize, with_fields
+from brainray.model import build_model
 from brainray.transforms import preprocess_image, to_model_input
 from tests.conftest import encode, synthetic_scan, write_tree
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from brainray import cli, export
+from brainray.checkpoint import make_checkpoint, serialize, with_fields
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
-from brainray.model import build_model, make_checkpoint, serialize, with_fields
+from brainray.model import build_model
 from brainray.predict import Predictor
 from brainray.transforms import preprocess_image, to_model_input
 from tests.conftest import synthetic_scan

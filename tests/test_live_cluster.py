@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from brainray.model import deserialize
+from brainray.checkpoint import deserialize
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, tiny_dataset_files, upload_tree
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.s3]

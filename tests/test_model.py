@@ -8,13 +8,9 @@ import os
 import pytest
 import torch
 
-from brainray.config import DEFAULT_CLASSES, MODEL_NAMES, PreprocessConfig
-from brainray.model import (
+from brainray.checkpoint import (
     CHECKPOINT_FORMAT,
-    BasicBlock,
     CheckpointError,
-    build_model,
-    count_parameters,
     deserialize,
     make_checkpoint,
     model_from_checkpoint,
@@ -23,6 +19,8 @@ from brainray.model import (
     tta_of,
     weights_id,
 )
+from brainray.config import DEFAULT_CLASSES, MODEL_NAMES, PreprocessConfig
+from brainray.model import BasicBlock, build_model, count_parameters
 
 CLASSES = list(DEFAULT_CLASSES)
 SMALL = 64

@@ -74,6 +74,33 @@ def test_model_card_names_the_precision_the_epochs_ran_in():
     metrics["config"]["precision"] = "auto"
     metrics["history"] = [{"epoch": 1, "precision": "bf16-stem"},
                           {"epoch": 2, "precision": "bf16-stem"}, {"epoch": 3, "precision": "fp32"}]
-    assert "precision bf16-stem, fp32." in render_model_card(metrics)
+    assert "precision bf16-stem, fp32;" in render_model_card(metrics)
     metrics["history"] = [{"epoch": 1}]  # runs from before the history recorded it
-    assert "precision auto." in render_model_card(metrics)
+    assert "precision auto;" in render_model_card(metrics)
+
+
+def test_model_card_reports_the_near_duplication_left_across_the_split():
+    metrics = _metrics(with_trust=False)
+    card = render_model_card(metrics)
+    assert "Near-duplication left across the split" not in card  # runs from before it
+    metrics["near_duplicates"] = {"method": "cosine of thumbnails", "n_images": 120,
+                                  "median": 0.93, "share_above_0.95": 0.25,
+                                  "share_above_0.99": 0.05}
+    card = render_model_card(metrics)
+    assert "Near-duplication left across the split" in card
+    assert "25.0% of the test images are above 0.95 and 5.0% above 0.99" in card
+
+
+def test_model_card_states_the_recipe_ema_tta_and_initial_weights():
+    metrics = _metrics(with_trust=False)
+    metrics.update(recipe="default", recipe_overrides={"lr": 0.001},
+                   test_time_augmentation="hflip",
+                   initial_weights={"source": "s3://b/r18.pth", "sha256": "ab" * 32},
+                   without_tta={"accuracy": 0.5, "macro_f1": 0.4})
+    metrics["config"].update(ema_decay=0.998, optimizer="adamw", label_smoothing=0.1)
+    card = render_model_card(metrics)
+    assert "Recipe `default` (overridden: {'lr': 0.001})" in card
+    assert "EMA of the weights (decay 0.998) shipped" in card
+    assert "test-time augmentation hflip" in card
+    assert "initial weights s3://b/r18.pth (sha256 " + "ab" * 32 + ")" in card
+    assert "Without test-time augmentation (hflip) the same model scores accuracy 50.0%" in card

@@ -16,25 +16,25 @@ CUDA = torch.device("cuda")  # only compared, never allocated on
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_is_exact_fp32_on_cpu_even_where_bf16_is_native(monkeypatch, native_bf16):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
-    assert precision.resolve("auto", CPU) == "fp32"
+    assert precision.effective_precision("auto", CPU) == "fp32"
     model = build_model("paper_cnn", 4, image_size=32)
     assert precision.prepare(model, CPU, "auto") == "fp32"
     assert model.bf16_stem is False
 
 
 def test_auto_on_gpu_is_fp16():
-    assert precision.resolve("auto", CUDA) == "fp16"
+    assert precision.effective_precision("auto", CUDA) == "fp16"
 
 
 @pytest.mark.parametrize("name", [p for p in PRECISIONS if p != "auto"])
 def test_explicit_precisions_are_kept(name):
     for device in (CPU, CUDA):
-        assert precision.resolve(name, device) == name
+        assert precision.effective_precision(name, device) == name
 
 
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision must be one of"):
-        precision.resolve("int8", CPU)
+        precision.effective_precision("int8", CPU)
 
 
 @pytest.mark.parametrize("name, stem", [("bf16-stem", True), ("fp32", False), ("bf16", False)])

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from brainray.checkpoint import make_checkpoint, model_from_checkpoint, serialize
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
-from brainray.model import build_model, make_checkpoint, model_from_checkpoint, serialize
+from brainray.model import build_model
 from brainray.predict import Predictor
 from brainray.transforms import to_model_input
 

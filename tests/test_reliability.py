@@ -17,12 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from brainray import output as publish
+from brainray import publish, storage
 from brainray import score as score_job
-from brainray import storage
+from brainray.checkpoint import CHECKPOINT_FORMAT
 from brainray.cli import run
 from brainray.config import DEFAULT_CLASSES, StorageOptions
-from brainray.model import CHECKPOINT_FORMAT
 from brainray.score import output_schema
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, encode, synthetic_scan, upload_tree, write_tree
 from tests.corpus import write_checkpoint

@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from brainray import output as publish
+from brainray import publish
+from brainray.checkpoint import make_checkpoint, model_from_checkpoint, serialize
 from brainray.cli import run
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig, ScoreConfig
-from brainray.model import build_model, make_checkpoint, model_from_checkpoint, serialize
+from brainray.model import build_model
 from brainray.score import _scorer_remote_args
 from brainray.transforms import preprocess_bytes, to_model_input
 from tests.conftest import encode, synthetic_scan, upload_tree, write_tree

@@ -23,7 +23,7 @@ import pytest
 from brainray.cli import run
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
 from brainray.score import display_uri, list_inputs, read_and_preprocess
-from brainray.sources import SourceLimits
+from brainray.unpack import SourceLimits
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET
 from tests.corpus import CORPUS, CORPUS_IDS, OK, CorpusItem, write_checkpoint, write_corpus
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from brainray import ood
+from brainray.checkpoint import make_checkpoint, serialize, with_fields
 from brainray.cli import build_parser, score_config
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
 from brainray.explain import review_overlay_name
-from brainray.model import build_model, make_checkpoint, serialize, with_fields
+from brainray.model import build_model
 from brainray.score import Scorer, output_schema, read_and_preprocess
-from brainray.sources import SourceLimits
+from brainray.unpack import SourceLimits
 from tests.conftest import encode, synthetic_scan, write_tree
 from tests.test_ood import colour_photo, text_on_white
 

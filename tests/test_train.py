@@ -1,216 +1,236 @@
-"""Tests for brainray.train's pieces: schedules, EMA, loss scaler restore, one epoch's loss.
-
-The loop's functions run here outside Ray Train, with a stand-in train context and a shard
-that yields numpy batches as Ray Data's `iter_batches` does.
-"""
+"""The training job end to end on the shared local Ray cluster: S3 in and out, DDP, resume,
+bad files, fine-tuning, EMA."""
 
 from __future__ import annotations
 
-import math
-from types import SimpleNamespace
+import io
+import json
 
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from brainray import train
-from brainray.config import AugmentConfig, TrainConfig, to_dict
-from brainray.model import build_model
+from brainray import storage
+from brainray.checkpoint import deserialize
+from brainray.cli import run
+from tests.conftest import FAKE_SECRET, tiny_dataset_files, upload_tree, write_tree
 
-STEPS = 10
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+# Small images and batches keep each fit to seconds; the pipeline is the same as at 224 px.
+FAST = ["--image-size", "32", "--batch-size", "8", "--no-gpu", "--cpus-per-worker", "1",
+        "--torch-threads", "1", "--warmup-epochs", "0"]
 
-def _loop(**overrides) -> dict:
-    config = to_dict(TrainConfig(data="d", run_dir="r", **overrides))
-    return {**config, "steps_per_epoch": STEPS, "augment_config": None}
-
-
-@pytest.fixture
-def single_worker(monkeypatch):
-    context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1,
-                              get_local_world_size=lambda: 1)
-    monkeypatch.setattr(train.ray.train, "get_context", lambda: context)
-
-
-class _Shard:
-    """Fixed batches of uint8 gray images and labels, in order."""
-
-    def __init__(self, n: int = 16, size: int = 16, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        self.images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
-        self.labels = rng.integers(0, 4, n)
-
-    def iter_batches(self, batch_size: int, **kwargs):
-        for start in range(0, len(self.labels), batch_size):
-            yield {"image": self.images[start:start + batch_size],
-                   "label": self.labels[start:start + batch_size]}
+BAD_FILES = {
+    "glioma/zero_bytes.png": b"",
+    "meningioma/truncated.jpg": None,  # filled in below from a real JPEG
+    "notumor/not_an_image.jpg": b"this is a text file, not a JPEG\n",
+}
 
 
-# --- learning-rate schedules ------------------------------------------------------------------
+def _bad_files() -> dict[str, bytes]:
+    good_jpeg = next(v for k, v in tiny_dataset_files(per_class=1).items() if k.endswith(".jpg"))
+    return {**BAD_FILES, "meningioma/truncated.jpg": good_jpeg[: len(good_jpeg) // 2]}
 
 
-def test_cosine_warms_up_linearly_then_decays_to_zero():
-    loop = _loop(epochs=3, warmup_epochs=1, lr_schedule="cosine")
-    factors = [train.lr_factor(step, STEPS, loop) for step in range(3 * STEPS)]
-    assert factors[:STEPS] == pytest.approx([(s + 1) / STEPS for s in range(STEPS)])
-    assert factors[STEPS] == pytest.approx(1.0)
-    assert factors[2 * STEPS] == pytest.approx(0.5)  # halfway through the decay
-    assert all(a >= b for a, b in zip(factors[STEPS:], factors[STEPS + 1:], strict=False))
+def _read_json(uri, options=None):
+    return json.loads(storage.read_bytes(uri, options))
 
 
-def test_constant_schedule_stays_at_the_peak_after_warm_up():
-    loop = _loop(epochs=3, warmup_epochs=0, lr_schedule="constant")
-    assert [train.lr_factor(step, STEPS, loop) for step in range(30)] == [1.0] * 30
+@pytest.mark.s3
+def test_train_on_s3_with_two_workers_then_evaluate(ray_cluster, s3_bucket, s3_options, capfd):
+    # Given a tiny labeled dataset with three unreadable files, in a bucket on the moto server
+    client, bucket = s3_bucket
+    files = {**tiny_dataset_files(per_class=12), **_bad_files()}
+    data_uri = upload_tree(client, bucket, "datasets/tiny", files)
+    run_uri = f"s3://{bucket}/runs/exp1"
+    s3_flags = ["--s3-endpoint", s3_options.s3_endpoint, "--s3-region", "us-east-1"]
+
+    # When training 2 epochs with 2 DDP workers, reading from and writing to S3
+    code = run(["train", "--data", data_uri, "--run-dir", run_uri, "--epochs", "2",
+                "--num-workers", "2", *FAST, *s3_flags])
+
+    # Then the run succeeds and leaves a complete, self-describing run directory in the bucket
+    assert code == 0
+    metrics = _read_json(f"{run_uri}/metrics.json", s3_options)
+    for key in ("accuracy", "loss", "macro_f1", "per_class", "confusion_matrix", "classes",
+                "roc_auc", "ece", "n_images", "accuracy_ci95", "history", "split"):
+        assert key in metrics, key
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    split = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{run_uri}/split.parquet",
+                                                          s3_options)))
+    assert len(split) == 48
+    assert split.groupby("group")["split"].nunique().max() == 1  # no group spans two splits
+    # every validation image is evaluated exactly once although two workers share the work
+    assert metrics["history"][0]["val_images"] == (split["split"] == "val").sum()
+    assert metrics["n_images"] == (split["split"] == "test").sum()
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["n_images"]
+    # the trivial nearest-neighbour baseline is reported on the same test images
+    assert metrics["baseline_1nn"]["n_images"] == metrics["n_images"]
+    assert 0.0 <= metrics["baseline_1nn"]["accuracy"] <= 1.0
+
+    skipped = {item["path"].rsplit("/", 2)[-2] + "/" + item["path"].rsplit("/", 1)[-1]: item[
+        "error"] for item in metrics["skipped_files"]}
+    assert set(skipped) == set(BAD_FILES)
+    assert "empty" in skipped["glioma/zero_bytes.png"]
+    assert all(item["path"].startswith(f"{data_uri}/") for item in metrics["skipped_files"])
+
+    checkpoint_bytes = storage.read_bytes(f"{run_uri}/model.pt", s3_options)
+    raw = torch.load(io.BytesIO(checkpoint_bytes), weights_only=True)
+    checkpoint = deserialize(checkpoint_bytes)
+    assert raw["classes"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert checkpoint["preprocess"]["image_size"] == 32
+    assert checkpoint["config"]["num_workers"] == 2
+    assert checkpoint["epoch"] == metrics["best_epoch"]
+    for name in ("accuracy.png", "loss.png", "confusion_matrix.png"):
+        assert storage.read_bytes(f"{run_uri}/{name}", s3_options).startswith(b"\x89PNG")
+    assert _read_json(f"{run_uri}/config.json", s3_options)["epochs"] == 2
+
+    # When evaluating the finished run on the same labeled data
+    eval_uri = f"s3://{bucket}/eval/exp1"
+    code = run(["evaluate", "--model", run_uri, "--data", data_uri, "--output", eval_uri,
+                *s3_flags, "--no-gpu"])
+
+    # Then every readable image is scored and the report has the same shape as training's
+    assert code == 0
+    evaluation = _read_json(f"{eval_uri}/metrics.json", s3_options)
+    assert evaluation["n_images"] == 48
+    assert evaluation["model_id"] == checkpoint["model_id"]
+    assert len(evaluation["skipped_files"]) == 3
+    assert storage.read_bytes(f"{eval_uri}/confusion_matrix.png", s3_options).startswith(
+        b"\x89PNG")
+    predictions = pd.read_parquet(io.BytesIO(storage.read_bytes(
+        f"{eval_uri}/predictions.parquet", s3_options)))
+    assert len(predictions) == 48
+    assert predictions[[f"prob_{c}" for c in raw["classes"]]].sum(axis=1).round(4).eq(1).all()
+
+    # And the fake secret key never shows up in what the jobs printed
+    out, err = capfd.readouterr()
+    assert FAKE_SECRET not in out + err
 
 
-def test_onecycle_rises_over_the_first_quarter_then_falls_far_below_its_start():
-    loop = _loop(epochs=4, lr_schedule="onecycle")
-    total = 4 * STEPS
-    factors = [train.lr_factor(step, STEPS, loop) for step in range(total + 1)]
-    peak = factors.index(max(factors))
-    assert factors[0] == pytest.approx(train.ONECYCLE_START)
-    assert peak == round(train.ONECYCLE_WARM_FRACTION * total) and factors[peak] == 1.0
-    assert factors[-1] == pytest.approx(train.ONECYCLE_END)
+def test_relaunch_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path, capfd):
+    # Given a run that stopped after its first epoch
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
+    run_dir = tmp_path / "runs" / "resumable"
+    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "1",
+                *FAST]) == 0
+    first = json.loads((run_dir / "metrics.json").read_text())
+    capfd.readouterr()
+
+    # When it is relaunched with the same run dir and a larger epoch budget
+    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "2",
+                *FAST]) == 0
+
+    # Then it continues at epoch 2 instead of starting over, keeping epoch 1's history
+    out, _ = capfd.readouterr()
+    assert "resuming from the checkpoint of epoch 1" in out
+    second = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][0] == first["history"][0]
+    assert second["resumed_at_epochs"] == [2] and first["resumed_at_epochs"] == []
 
 
-def test_the_scheduler_follows_lr_factor_and_resumes_where_it_stopped():
-    # Given a schedule stepped 13 times and saved with its optimizer
-    loop = _loop(epochs=3, warmup_epochs=1, lr_schedule="cosine", lr=1e-2)
-    model = torch.nn.Linear(2, 2)
-    optimizer = train.make_optimizer(model, loop["lr"], 0.0, torch.device("cpu"))
-    scheduler = train.make_scheduler(optimizer, loop)
-    seen = []
-    for _ in range(13):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    saved = optimizer.state_dict(), scheduler.state_dict()
-    # When new ones are built and loaded from the saved state (a relaunch)
-    optimizer2 = train.make_optimizer(model, loop["lr"], 0.0, torch.device("cpu"))
-    scheduler2 = train.make_scheduler(optimizer2, loop)
-    optimizer2.load_state_dict(saved[0])
-    scheduler2.load_state_dict(saved[1])
-    # Then every rate so far was lr x lr_factor, and the next one continues the sequence
-    assert seen == pytest.approx([1e-2 * train.lr_factor(s, STEPS, loop) for s in range(13)])
-    assert optimizer2.param_groups[0]["lr"] == pytest.approx(
-        1e-2 * train.lr_factor(13, STEPS, loop))
+def test_relaunch_with_different_data_settings_is_refused(ray_cluster, tmp_path, capsys):
+    # Given a run directory holding a run with seed 0
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"seed": 0}))
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=4))
+
+    # When a run with another split seed is launched into it
+    code = run(["train", "--data", str(data), "--run-dir", str(run_dir), "--seed", "7", *FAST])
+
+    # Then it fails with a one-line reason instead of mixing two experiments
+    assert code == 1
+    assert "different" in capsys.readouterr().err
 
 
-def test_adamw_decouples_weight_decay_and_adam_does_not():
-    model = torch.nn.Linear(2, 2)
-    adamw = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"), kind="adamw")
-    adam = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
-    assert type(adamw) is torch.optim.AdamW and type(adam) is torch.optim.Adam
+def test_missing_data_fails_fast_with_the_uri(ray_cluster, tmp_path, capsys):
+    # Given a data path that does not exist
+    missing = tmp_path / "nowhere"
+
+    # When training on it
+    code = run(["train", "--data", str(missing), "--run-dir", str(tmp_path / "r"), *FAST])
+
+    # Then the job exits non-zero naming the path
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert str(missing) in err and len(err.splitlines()) == 1
 
 
-# --- exponential moving average -------------------------------------------------------------------
+def _weights_file(path, name: str = "resnet18", seed: int = 0):
+    """A torchvision-layout state dict (1000-class head), as torchvision publishes them."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.get_model(name, weights=None).state_dict(), path)
+    return path
 
 
-def test_no_ema_when_decay_is_zero():
-    assert train.make_ema(torch.nn.Linear(2, 2), 0.0) is None
+def test_fine_tune_a_torchvision_model_then_score_explain_and_export(ray_cluster, tmp_path):
+    # Given a resnet18 weights file and a tiny dataset
+    weights = _weights_file(tmp_path / "resnet18.pth")
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=6))
+    run_dir = tmp_path / "runs" / "ft"
+
+    # When fine-tuning from it for one epoch, with EMA, label smoothing and flip TTA
+    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "1",
+                "--model", "resnet18", "--weights", str(weights), "--ema-decay", "0.9",
+                "--label-smoothing", "0.1", "--tta", "hflip", *FAST]) == 0
+
+    # Then the checkpoint says where its initial weights came from, and their hash
+    import hashlib
+
+    checkpoint = deserialize((run_dir / "model.pt").read_bytes())
+    assert checkpoint["initial_weights"] == {
+        "source": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert checkpoint["test_time_augmentation"] == "hflip"
+    # and the report holds what TTA adds, the leakage measure and the raw weights' validation
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["without_tta"]["accuracy"] is not None
+    assert metrics["near_duplicates"]["n_images"] == metrics["n_images"]
+    assert "val_accuracy_raw" in metrics["history"][0]
+    card = (run_dir / "MODEL_CARD.md").read_text()
+    assert str(weights) in card and "Near-duplication left across the split" in card
+
+    # When the model scores, explains and exports, Then each works for it too
+    out = tmp_path / "scores"
+    assert run(["score", "--model", str(run_dir), "--input", str(data / "glioma"),
+                "--output", str(out), "--no-gpu"]) == 0
+    rows = pd.read_parquet(out / "scores")
+    assert len(rows) == 6 and (rows["status"] == "ok").all()
+    assert set(rows["model_id"]) == {checkpoint["model_id"]}
+    assert run(["explain", "--model", str(run_dir), "--input", str(data / "notumor"),
+                "--output", str(tmp_path / "cam"), "--max-images", "2"]) == 0
+    assert len(list((tmp_path / "cam").glob("*.png"))) == 2
+    assert run(["export", "--model", str(run_dir), "--output", str(tmp_path / "export"),
+                "--no-onnx"]) == 0
+    assert (tmp_path / "export" / "model.ts").stat().st_size > 0
 
 
-def test_ema_averages_weights_with_the_decay_after_warm_up():
-    # Given an EMA of a one-weight model, past warm-up
-    model = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema = train.make_ema(model, 0.9)
-    train.update_ema(ema, model, epoch=1, warmup_epochs=1)  # first update copies the weights
-    # When the weight moves to 2 and the average is updated once
-    with torch.no_grad():
-        model.weight.fill_(2.0)
-    train.update_ema(ema, model, epoch=1, warmup_epochs=1)
-    # Then the average moved a tenth of the way
-    assert ema.module.weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 2.0)
+def test_weights_that_do_not_fit_are_refused_before_any_data_is_read(ray_cluster, tmp_path,
+                                                                      capsys):
+    weights = _weights_file(tmp_path / "resnet18.pth")
+    code = run(["train", "--data", str(tmp_path / "no-data-here"), "--run-dir",
+                str(tmp_path / "r"), "--model", "resnet50", "--weights", str(weights), *FAST])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "does not fit resnet50" in err and "no-data-here" not in err
 
 
-def test_ema_follows_the_weights_exactly_during_warm_up():
-    model = torch.nn.Linear(1, 1, bias=False)
-    ema = train.make_ema(model, 0.9)
-    for value in (1.0, 5.0):
-        with torch.no_grad():
-            model.weight.fill_(value)
-        train.update_ema(ema, model, epoch=0, warmup_epochs=1)
-        assert ema.module.weight.item() == pytest.approx(value)
-
-
-def test_ema_also_averages_batchnorm_statistics():
-    model = build_model("bn_cnn", 4, 32)
-    ema = train.make_ema(model, 0.5)
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(4, 1, 32, 32) + 3.0)  # moves the running means
-    train.update_ema(ema, model, epoch=1, warmup_epochs=0)
-    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    ema_bn = next(m for m in ema.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    torch.testing.assert_close(ema_bn.running_mean, bn.running_mean)
-
-
-# --- loss scaler across precisions ----------------------------------------------------------------
-
-
-def test_fp16_relaunch_of_an_fp32_run_starts_a_fresh_scaler(single_worker, capsys):
-    # Given a scaler that is enabled now (fp16), and the state of a disabled one (fp32 run)
-    enabled = torch.amp.GradScaler("cpu", enabled=True)
-    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
-    assert saved == {}
-    # When it is restored, Then it keeps its fresh state and says so (no "empty state" error)
-    train._restore_scaler(enabled, saved)
-    assert enabled.get_scale() == torch.amp.GradScaler("cpu", enabled=True).get_scale()
-    assert "fresh loss scaler" in capsys.readouterr().out
-
-
-def test_fp32_relaunch_of_an_fp16_run_ignores_the_old_scaler(single_worker, capsys):
-    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0).state_dict()
-    disabled = torch.amp.GradScaler("cpu", enabled=False)
-    train._restore_scaler(disabled, saved)
-    assert not disabled.is_enabled()
-    assert "fresh loss scaler" in capsys.readouterr().out
-
-
-def test_same_precision_relaunch_restores_the_scale(single_worker, capsys):
-    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0).state_dict()
-    scaler = torch.amp.GradScaler("cpu", enabled=True)
-    train._restore_scaler(scaler, saved)
-    assert scaler.get_scale() == 8.0
-    assert capsys.readouterr().out == ""
-
-
-# --- one epoch ------------------------------------------------------------------------------------
-
-
-def _one_epoch(label_smoothing: float, ema_decay: float = 0.0) -> tuple[dict, object]:
-    torch.manual_seed(0)
-    model = build_model("bn_cnn", 4, 16).to(memory_format=torch.channels_last)
-    loop = {**_loop(lr=1e-9, label_smoothing=label_smoothing, ema_decay=ema_decay,
-                    warmup_epochs=0), "precision": "fp32", "batch_size_per_worker": 8}
-    optimizer = train.make_optimizer(model, loop["lr"], 0.0, torch.device("cpu"))
-    ema = train.make_ema(model, ema_decay)
-    metrics = train.train_one_epoch(
-        model, optimizer, train.make_scheduler(optimizer, loop),
-        torch.amp.GradScaler("cpu", enabled=False), ema, _Shard(), loop, 0, torch.device("cpu"))
-    return metrics, ema
-
-
-def test_label_smoothing_enters_the_training_loss(single_worker):
-    # Given the same model, data and a learning rate too small to change anything
-    plain, _ = _one_epoch(label_smoothing=0.0)
-    smoothed, _ = _one_epoch(label_smoothing=0.5)
-    # Then only the smoothed loss differs (cross-entropy against softened targets)
-    assert plain["train_images"] == smoothed["train_images"] == 16
-    assert plain["train_accuracy"] == smoothed["train_accuracy"]
-    assert not math.isclose(plain["train_loss"], smoothed["train_loss"], rel_tol=1e-3)
-
-
-def test_an_epoch_updates_the_ema_once_per_step(single_worker):
-    _, ema = _one_epoch(label_smoothing=0.0, ema_decay=0.9)
-    assert int(ema.n_averaged) == 2  # 16 images in batches of 8
-
-
-def test_augment_config_reaches_the_training_input():
-    loop = {**_loop(), "augment_config": AugmentConfig.preset("paper")}
-    batch = {"image": np.full((2, 8, 8), 128, np.uint8), "label": np.array([0, 1])}
-    x, _ = train._training_input(batch, loop, torch.Generator().manual_seed(0),
-                                 torch.device("cpu"))
-    assert not torch.allclose(x, torch.full_like(x, 128 / 255))
+def test_an_ema_run_resumes_from_its_raw_weights(ray_cluster, tmp_path, capfd):
+    # Given an EMA run stopped after one epoch
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
+    run_dir = tmp_path / "runs" / "ema"
+    flags = ["train", "--data", str(data), "--run-dir", str(run_dir), "--ema-decay", "0.5", *FAST]
+    assert run([*flags, "--epochs", "1"]) == 0
+    state = torch.load(next(run_dir.glob("checkpoint_*")) / "train_state.pt", weights_only=True)
+    capfd.readouterr()
+    # When relaunched for a second epoch
+    assert run([*flags, "--epochs", "2"]) == 0
+    # Then it resumed (the train state kept the raw weights and the average's count)
+    assert "raw_state_dict" in state and int(state["ema_n_averaged"]) >= 1
+    assert "resuming from the checkpoint of epoch 1" in capfd.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from brainray.checkpoint import deserialize, weights_id
 from brainray.cli import run
 from brainray.explain import review_overlay_name
-from brainray.model import deserialize, weights_id
 from tests.conftest import encode, synthetic_scan, tiny_dataset_files, write_tree
 from tests.test_ood import colour_photo
 

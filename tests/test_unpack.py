@@ -1,4 +1,4 @@
-"""Tests for brainray.sources: plain images, DICOM decoding and safe archive expansion."""
+"""Tests for brainray.unpack: plain images, DICOM decoding and safe archive expansion."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence
 
 from brainray.config import IMAGE_EXTENSIONS
-from brainray.sources import (
+from brainray.unpack import (
     ARCHIVE_SUFFIXES,
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
