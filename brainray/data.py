@@ -13,6 +13,7 @@ from importlib import resources
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 import ray.data
 
@@ -135,6 +136,18 @@ def _fetch_manifest_rows(frame: pd.DataFrame, *, base: str,
                          COL_BYTES: payloads})
 
 
+def _image_files(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str, list[str]]:
+    """The filesystem, root path and paths of every image file under a class-folder tree."""
+    fs, root = storage.resolve(uri, options)
+    extensions = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
+    paths = [e.path for e in storage.list_files(uri, options)
+             if e.path.lower().endswith(extensions)]
+    if not paths:
+        raise ValueError(f"no image files found under {storage.redact(uri)} "
+                         f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return fs, root, paths
+
+
 def read_labeled_images(uri: str, classes: list[str], preprocess: PreprocessConfig,
                         options: StorageOptions) -> ray.data.Dataset:
     """Lazily read a class-folder tree or a manifest into decoded, labeled, fingerprinted rows."""
@@ -142,11 +155,9 @@ def read_labeled_images(uri: str, classes: list[str], preprocess: PreprocessConf
     if uri.lower().endswith(MANIFEST_SUFFIXES):
         raw, root, prefix = _read_manifest(uri, options), None, ""
     else:
-        fs, root = storage.resolve(uri, options)
+        fs, root, paths = _image_files(uri, options)
         prefix = "s3://" if storage.is_s3(uri) else ""
-        extensions = [e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())]
-        raw = ray.data.read_binary_files(root, include_paths=True, filesystem=fs,
-                                         file_extensions=extensions)
+        raw = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     return raw.map_batches(decode_labeled_batch, batch_size=64, fn_kwargs={
         "classes": list(classes), "preprocess": preprocess, "root": root, "uri_prefix": prefix})
 

@@ -18,7 +18,6 @@ import posixpath
 import re
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from torch import nn
 
@@ -27,11 +26,11 @@ from brainray import ood, storage
 from brainray.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
-    preprocess_config,
     temperature_of,
 )
 from brainray.config import ExplainConfig, StorageOptions
 from brainray.model import unwrap
+from brainray.presets import InferencePreset
 from brainray.transforms import to_model_input
 from brainray.unpack import SourceLimits, expand, is_supported
 
@@ -178,16 +177,11 @@ def list_images(inputs: tuple[str, ...], options: StorageOptions) -> list[str]:
                     absolute = storage.is_s3(line) or line.startswith(("/", "file://"))
                     found.append(line if absolute else storage.join(base, line))
             continue
-        fs, path = storage.resolve(uri, options)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise storage.StorageError(f"input {storage.redact(uri)} does not exist")
-        if info.type == pafs.FileType.File:
-            found.append(uri)
+        entries = storage.list_files(uri, options)
+        if len(entries) == 1 and not storage.is_dir(uri, options):
+            found.append(uri)  # a single file is explained whatever its name
             continue
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        found += sorted(storage.to_uri(fs, i.path) for i in infos
-                        if i.type == pafs.FileType.File and is_supported(i.path))
+        found += [e.uri for e in entries if is_supported(e.path)]
     return list(dict.fromkeys(found))
 
 
@@ -208,8 +202,8 @@ def run_explain(config: ExplainConfig) -> dict:
     checkpoint = load_checkpoint(config.model, options)
     classes = checkpoint["classes"]
     target = _resolve_target(config.target_class, classes)
-    preprocess = preprocess_config(checkpoint)
-    limits = SourceLimits(max_image_pixels=preprocess.max_image_pixels)
+    preset = InferencePreset.of(checkpoint)
+    limits = SourceLimits(max_image_pixels=preset.preprocess.max_image_pixels)
     cam = GradCam(model_from_checkpoint(checkpoint), temperature_of(checkpoint))
     files = list_images(config.inputs, options)
     print(f"explaining up to {config.max_images} image(s) from {len(files)} file(s) with "
@@ -232,7 +226,7 @@ def run_explain(config: ExplainConfig) -> dict:
             row = {"uri": uri, "member": item.member, "frame": item.frame, "error": item.error}
             if item.ok:
                 try:
-                    pixels, colour = ood.preprocess_with_colour(item.image, preprocess)
+                    pixels, colour = preset.image(item.image)
                 except (OSError, ValueError) as exc:
                     rows.append({**row, "error": f"cannot preprocess image: {exc}"})
                     continue

@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
-
-from brainray import transforms
-from brainray.config import PreprocessConfig
 
 SATURATION_LEVEL = 0.15  # channel spread that counts a pixel as coloured
 MAX_COLOUR_FRACTION = 0.05
@@ -56,15 +52,6 @@ def colour_fractions(images: np.ndarray) -> np.ndarray:
     """Per image of a uint8 (N, H, W, 3) batch: the share of pixels whose channel spread (max -
     min of R, G, B) is over SATURATION_LEVEL."""
     return _colour_fractions(_subsampled(images))
-
-
-def preprocess_with_colour(image: Image.Image, config: PreprocessConfig
-                           ) -> tuple[np.ndarray, float]:
-    """The model's gray input of a decoded image, and the colour fraction of the image it came
-    from (the pipeline carries gray, so colour has to be measured on the way)."""
-    resized = transforms.resize_image(image, config)
-    colour = 0.0 if resized.mode == "L" else float(colour_fractions(np.asarray(resized)[None])[0])
-    return transforms.gray_array(resized), colour
 
 
 def image_features(images: np.ndarray, colour_fraction: np.ndarray | None = None

@@ -11,11 +11,11 @@ import pandas as pd
 import ray.data
 import torch
 
-from brainray.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of, tta_of
+from brainray.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of
 from brainray.config import COL_IMAGE, COL_LABEL, COL_PATH, COL_PROBS, StorageOptions
 from brainray.data import select_rows
 from brainray.precision import autocast_for, prepare
-from brainray.transforms import inference_views, to_model_input
+from brainray.presets import InferencePreset
 
 
 class Predictor:
@@ -35,15 +35,15 @@ class Predictor:
         self.temperature = temperature_of(checkpoint)
         # The checkpoint's test-time augmentation unless the caller asks for another (the
         # training report also scores the test split without it, to show what it adds).
-        self.tta = tta_of(checkpoint) if tta is None else tta
+        self.preset = InferencePreset.of(checkpoint, tta)
         self.review_threshold = checkpoint.get("review_threshold")
         self.ood_reference = checkpoint.get("ood_reference")
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         with torch.inference_mode(), autocast_for(self.device, self.precision):
             logits = torch.stack([self.model(view).float()
-                                  for view in inference_views(x, self.tta)]).mean(0)
+                                  for view in self.preset.views(x)]).mean(0)
         return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

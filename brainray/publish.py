@@ -13,9 +13,7 @@ is rolled forward by the next run (same file names, so nothing is duplicated).
 from __future__ import annotations
 
 import datetime as dt
-import posixpath
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from brainray import storage
@@ -45,23 +43,6 @@ def published_files(output: str, options: StorageOptions) -> list[str]:
             for run in _manifest(output, options)["runs"] for name in run["files"]]
 
 
-def _list_files(uri: str, options: StorageOptions) -> list[str]:
-    fs, path = storage.resolve(uri, options)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    except OSError as exc:
-        raise storage.StorageError(f"cannot list {storage.redact(uri)}: {exc}") from exc
-    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
-
-
-def _delete_dir(uri: str, options: StorageOptions) -> None:
-    fs, path = storage.resolve(uri, options)
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
-
-
 def commit(output: str, run_id: str, options: StorageOptions) -> dict:
     """Copy a READY staging dir into scores/ and commit it in the manifest (idempotent)."""
     staging = staging_uri(output, run_id)
@@ -77,32 +58,28 @@ def commit(output: str, run_id: str, options: StorageOptions) -> dict:
         manifest["runs"].append(entry)
         storage.write_json(storage.join(output, MANIFEST), manifest, options)
     storage.write_json(storage.join(output, SUCCESS), {"run_id": run_id}, options)
-    _delete_dir(staging, options)
+    storage.delete_dir(staging, options)
     return manifest
 
 
 def mark_ready(output: str, run_id: str, summary: dict, options: StorageOptions) -> None:
     """Record that the staged files are complete; from here on the run will be committed."""
     staging = staging_uri(output, run_id)
-    files = [name for name in _list_files(staging, options) if name.endswith(".parquet")]
+    files = [name for name in storage.list_children(staging, options) if name.endswith(".parquet")]
     storage.write_json(storage.join(staging, READY), {**summary, "files": files}, options)
 
 
 def recover(output: str, options: StorageOptions) -> list[str]:
     """Finish or discard runs left by crashed jobs. Returns what was done, for the log."""
     done = []
-    fs, path = storage.resolve(storage.join(output, STAGING_DIR), options)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    for info in infos:
-        if info.type != pafs.FileType.Directory:
-            continue
-        run_id = posixpath.basename(info.path)
+    for run_id in storage.list_children(storage.join(output, STAGING_DIR), options,
+                                        folders=True):
         staging = staging_uri(output, run_id)
         if storage.exists(storage.join(staging, READY), options):
             commit(output, run_id, options)
             done.append(f"committed interrupted run {run_id}")
         else:
-            _delete_dir(staging, options)
+            storage.delete_dir(staging, options)
             done.append(f"discarded incomplete run {run_id}; its images are scored again")
     return done
 

@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import os
 import posixpath
-import stat
 import time
 import urllib.parse
 import uuid
@@ -19,7 +18,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 import torch
@@ -28,11 +26,11 @@ from brainray import ood, publish, storage
 from brainray.checkpoint import (
     load_checkpoint,
     locate_checkpoint,
-    preprocess_config,
     review_threshold_of,
 )
-from brainray.config import PreprocessConfig, ScoreConfig, StorageOptions
+from brainray.config import ScoreConfig, StorageOptions
 from brainray.predict import Predictor
+from brainray.presets import InferencePreset
 from brainray.unpack import SourceLimits, expand, is_supported
 
 STATUS_OK, STATUS_ERROR = "ok", "error"
@@ -72,55 +70,6 @@ def display_uri(uri: str) -> str:
         return urllib.parse.quote(raw, safe="/:!@=+,;~")
 
 
-def _walk_local(root: str):
-    """(path, stat) of every file under a local folder, or of the file itself.
-
-    Follows symbolic links (as pyarrow's listing does) but enters each real directory once, so a
-    link back up the tree cannot make the listing loop; pyarrow's recursive FileSelector never
-    returns on one. Linked folders are entered after every folder reachable without links, so a
-    folder inside the tree keeps its own path (a `latest -> 2026-11` link does not rename it).
-    Names are str with surrogate escapes, so file names that are not valid UTF-8 are listed and
-    can be read (pyarrow raises UnicodeDecodeError on them).
-    """
-    top = os.stat(root)  # FileNotFoundError when the input does not exist
-    if not stat.S_ISDIR(top.st_mode):
-        yield root, top
-        return
-    seen: set[tuple[int, int]] = set()
-    folders, linked = [root], []
-    while folders or linked:
-        folder = folders.pop() if folders else linked.pop(0)
-        info = os.stat(folder)
-        if (info.st_dev, info.st_ino) in seen:
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        with os.scandir(folder) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                try:
-                    if entry.is_dir():
-                        (linked if entry.is_symlink() else folders).append(entry.path)
-                    elif entry.is_file():
-                        yield entry.path, entry.stat()
-                except OSError:
-                    continue  # a broken or looping link, or a file that vanished: not an input
-
-
-def _list_files(fs: pafs.FileSystem, path: str):
-    """(path, size, mtime_ns) of the files under `path` on any filesystem."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        for file_path, info in _walk_local(path):
-            yield file_path, info.st_size, info.st_mtime_ns
-        return
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
-    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
-        pafs.FileSelector(path, recursive=True))
-    for item in infos:
-        if item.type == pafs.FileType.File:
-            yield item.path, int(item.size or 0), int(item.mtime_ns or 0)
-
-
 def _valid_utf8(text: str) -> str:
     """`text` with any surrogate-escaped bytes (from non-UTF-8 file names) made printable."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -130,18 +79,14 @@ def list_inputs(inputs: tuple[str, ...], options: StorageOptions) -> list[dict]:
     """Every supported file under the input URIs, with size and mtime (metadata only)."""
     found: dict[str, dict] = {}
     for uri in inputs:
-        fs, path = storage.resolve(uri, options)
         try:
-            files = list(_list_files(fs, path))
-        except FileNotFoundError as exc:
-            raise storage.StorageError(f"input {storage.redact(uri)} does not exist") from exc
-        except OSError as exc:
-            raise storage.StorageError(
-                f"cannot list {storage.redact(uri)}: {storage.redact(str(exc))}") from exc
-        for file_path, size, mtime_ns in files:
-            if is_supported(file_path):
-                key = storage.to_uri(fs, file_path)
-                found[key] = {"uri": key, "size": int(size), "mtime_ns": int(mtime_ns)}
+            entries = storage.list_files(uri, options)
+        except storage.StorageError as exc:
+            raise type(exc)(f"input {exc}") from exc
+        for entry in entries:
+            if is_supported(entry.path):
+                found[entry.uri] = {"uri": entry.uri, "size": entry.size,
+                                    "mtime_ns": entry.mtime_ns}
     return [found[k] for k in sorted(found)]
 
 
@@ -165,9 +110,9 @@ def _to_block(rows: dict[str, list], image_size: int) -> dict[str, np.ndarray]:
 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions,
-                        preprocess: PreprocessConfig, limits: SourceLimits,
-                        max_file_bytes: int):
+                        preset: InferencePreset, limits: SourceLimits, max_file_bytes: int):
     """Input files -> blocks of preprocessed images, one row per image; failures become rows."""
+    preprocess = preset.preprocess
     blank = np.zeros((preprocess.image_size, preprocess.image_size), np.uint8)
     rows = _empty_rows()
     for uri, size, mtime in zip(batch["uri"], batch["size"], batch["mtime_ns"], strict=True):
@@ -193,7 +138,7 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
             pixels, colour = blank, 0.0
             if not item_error:
                 try:
-                    pixels, colour = ood.preprocess_with_colour(image, preprocess)
+                    pixels, colour = preset.image(image)
                 except (OSError, ValueError) as exc:
                     item_error = f"cannot preprocess image: {exc}"
             for key, value in (("uri", display_uri(uri)), ("member", member), ("frame", frame),
@@ -382,7 +327,7 @@ def run_scoring(config: ScoreConfig) -> dict:
         ray.data.from_items(files)
         .map_batches(read_and_preprocess, batch_size=_files_per_task(config),
                      num_cpus=READ_TASK_CPUS, fn_kwargs={
-                         "options": options, "preprocess": preprocess_config(checkpoint),
+                         "options": options, "preset": InferencePreset.of(checkpoint),
                          "limits": SourceLimits(
                              max_image_pixels=checkpoint["preprocess"]["max_image_pixels"]),
                          "max_file_bytes": config.max_file_bytes})

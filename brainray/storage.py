@@ -11,7 +11,9 @@ import json
 import os
 import posixpath
 import re
+import stat
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -237,3 +239,101 @@ def ensure_writable(uri: str, options: StorageOptions | None = None) -> None:
 
 def copy_file(src: str, dst: str, options: StorageOptions | None = None) -> None:
     write_bytes(dst, read_bytes(src, options), options)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A listed file: its URI (as users write it), filesystem path, size and modification time."""
+
+    uri: str
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def _walk_local(root: str):
+    """(path, stat) of every file under a local folder, or of the file itself.
+
+    Follows symbolic links (as pyarrow's listing does) but enters each real directory once, so a
+    link back up the tree cannot make the listing loop; pyarrow's recursive FileSelector never
+    returns on one. Linked folders are entered after every folder reachable without links, so a
+    folder inside the tree keeps its own path (a `latest -> 2026-11` link does not rename it).
+    Names are str with surrogate escapes, so file names that are not valid UTF-8 are listed and
+    can be read (pyarrow raises UnicodeDecodeError on them).
+    """
+    top = os.stat(root)  # FileNotFoundError when the input does not exist
+    if not stat.S_ISDIR(top.st_mode):
+        yield root, top
+        return
+    seen: set[tuple[int, int]] = set()
+    folders, linked = [root], []
+    while folders or linked:
+        folder = folders.pop() if folders else linked.pop(0)
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                try:
+                    if entry.is_dir():
+                        (linked if entry.is_symlink() else folders).append(entry.path)
+                    elif entry.is_file():
+                        yield entry.path, entry.stat()
+                except OSError:
+                    continue  # a broken or looping link, or a file that vanished: not an input
+
+
+def _list_remote(fs: pafs.FileSystem, path: str, recursive: bool):
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
+        pafs.FileSelector(path, recursive=recursive))
+    for item in infos:
+        if item.type == pafs.FileType.File:
+            yield item.path, int(item.size or 0), int(item.mtime_ns or 0)
+
+
+def list_files(uri: str, options: StorageOptions | None = None) -> list[FileEntry]:
+    """Every file under a folder or prefix (recursively), or the file itself, sorted by URI.
+
+    The one lister of inputs: training data, scoring and explain inputs all come through here.
+    """
+    fs, path = resolve(uri, options)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            found = [(p, info.st_size, info.st_mtime_ns) for p, info in _walk_local(path)]
+        else:
+            found = list(_list_remote(fs, path, recursive=True))
+    except FileNotFoundError as exc:
+        raise StorageError(f"{redact(uri)} does not exist; check the path or bucket name"
+                           ) from exc
+    except OSError as exc:
+        raise _wrap(uri, "list", exc) from exc
+    entries = [FileEntry(to_uri(fs, p), p, int(size), int(mtime)) for p, size, mtime in found]
+    return sorted(entries, key=lambda e: e.uri)
+
+
+def list_children(uri: str, options: StorageOptions | None = None, *,
+                  folders: bool = False) -> list[str]:
+    """Names of the files (or, with `folders`, sub-folders) directly inside a folder; none when
+    it does not exist."""
+    fs, path = resolve(uri, options)
+    wanted = pafs.FileType.Directory if folders else pafs.FileType.File
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise _wrap(uri, "list", exc) from exc
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == wanted)
+
+
+def delete_dir(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a folder and everything in it; nothing when it does not exist."""
+    fs, path = resolve(uri, options)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _wrap(uri, "delete", exc) from exc

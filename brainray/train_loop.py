@@ -27,7 +27,8 @@ from brainray.checkpoint import make_checkpoint, read_train_checkpoint, write_tr
 from brainray.config import COL_IMAGE, COL_LABEL, AugmentConfig, PreprocessConfig
 from brainray.model import build_model, count_parameters, unwrap
 from brainray.precision import autocast_for, prepare
-from brainray.transforms import augment_batch, augmentation_generator, to_model_input
+from brainray.presets import TrainPreset
+from brainray.transforms import augmentation_generator, to_model_input
 
 PROGRESS_INTERVAL_S = 30.0
 
@@ -205,11 +206,7 @@ def _epoch_batches(shard, loop: dict, epoch: int, rank: int):
 
 def _training_input(batch, loop: dict, generator: torch.Generator, device: torch.device):
     images, y = _to_device(batch, device)
-    x = to_model_input(images)
-    augment: AugmentConfig | None = loop["augment_config"]
-    if augment is not None:
-        x = augment_batch(x, augment, generator).contiguous(memory_format=torch.channels_last)
-    return x, y
+    return loop["preset"].batch(images, generator), y
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, ema, shard, loop: dict, epoch: int,
@@ -393,8 +390,9 @@ def train_loop_per_worker(loop: dict) -> None:
     torch.set_num_threads(_thread_count(loop))
     device = ray.train.torch.get_device()
     world = ray.train.get_context().get_world_size()
-    loop = dict(loop, augment_config=AugmentConfig.preset(loop["augment"]),
-                preprocess_config=PreprocessConfig(**loop["preprocess"]),
+    preprocess = PreprocessConfig(**loop["preprocess"])
+    loop = dict(loop, preprocess_config=preprocess,
+                preset=TrainPreset(preprocess, AugmentConfig.preset(loop["augment"])),
                 steps_per_epoch=max(1, math.ceil(loop["n_train"] / (
                     loop["batch_size_per_worker"] * world))))
     trainable = _build(loop, device)

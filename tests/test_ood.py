@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from brainray import ood
 from brainray.config import PreprocessConfig
 from brainray.data import sample_data_dir
+from brainray.presets import InferencePreset
 from brainray.transforms import (
     decode_image,
     preprocess_bytes,
@@ -44,7 +45,7 @@ def text_on_white(size: int = 96) -> Image.Image:
 
 def _batch(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """Gray model inputs and their colour fractions, as scoring computes them."""
-    pairs = [ood.preprocess_with_colour(image, CONFIG) for image in images]
+    pairs = [InferencePreset(CONFIG).image(image) for image in images]
     return np.stack([g for g, _ in pairs]), np.array([c for _, c in pairs])
 
 
@@ -94,25 +95,6 @@ def test_features_of_an_empty_batch_and_bad_shapes():
         ood.image_features(np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError):
         ood.image_features(np.zeros((2, 8, 8, 4), np.uint8))
-
-
-def test_gray_input_carries_no_colour_and_equals_the_models_input():
-    scan = synthetic_scan(1, 0, 48, "L")
-    gray, colour = ood.preprocess_with_colour(scan, CONFIG)
-    assert colour == 0.0
-    np.testing.assert_array_equal(gray, preprocess_image(scan, CONFIG))
-
-
-def test_colour_is_measured_before_the_conversion_to_gray():
-    # Given a colour photo: its gray model input alone has no colour left to see
-    photo = colour_photo()
-    gray, colour = ood.preprocess_with_colour(photo, CONFIG)
-    assert not ood.check(gray[None])[1][0].startswith(ood.REASON_COLOUR)
-    # Then the colour measured on the way is what flags it, and an RGB batch gives the same
-    assert colour > ood.MAX_COLOUR_FRACTION
-    rgb = np.asarray(resize_image(photo, CONFIG))[None]
-    assert ood.image_features(rgb)["colour_fraction"][0] == pytest.approx(colour)
-    assert ood.REASON_COLOUR in ood.check(rgb)[1][0]
 
 
 def test_features_match_a_full_resolution_numpy_reference_on_real_mri():

@@ -58,7 +58,7 @@ def test_tta_can_be_turned_off_by_the_caller(tmp_path):
 def test_no_tta_checkpoint_runs_one_view(tmp_path):
     _, path = _write(tmp_path, "none")
     predictor = Predictor(path, StorageOptions())
-    assert predictor.tta == "none"
+    assert predictor.preset.tta == "none"
     assert predictor.predict(_images()).shape == (3, 4)
 
 

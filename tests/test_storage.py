@@ -328,3 +328,53 @@ def test_s3_uri_with_userinfo_raises_storage_error_without_secret(s3_bucket, s3_
     with pytest.raises(StorageError) as info:
         storage.read_bytes(f"s3://{FAKE_KEY_ID}:{FAKE_SECRET}@{bucket}/k.json", s3_options)
     assert FAKE_SECRET not in str(info.value)
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def test_list_files_walks_a_folder_sorted_with_sizes(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two.png").write_bytes(b"22")
+    (tmp_path / "a.jpg").write_bytes(b"1")
+    entries = storage.list_files(str(tmp_path))
+    assert [e.uri for e in entries] == [str(tmp_path / "a.jpg"), str(tmp_path / "b" / "two.png")]
+    assert [e.size for e in entries] == [1, 2] and all(e.mtime_ns > 0 for e in entries)
+
+
+def test_list_files_of_a_single_file_is_that_file(tmp_path):
+    (tmp_path / "x.dcm").write_bytes(b"123")
+    (entry,) = storage.list_files(str(tmp_path / "x.dcm"))
+    assert entry.uri == str(tmp_path / "x.dcm") and entry.size == 3
+
+
+def test_list_files_survives_a_symlink_loop(tmp_path):
+    (tmp_path / "scan.png").write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "loop")
+    assert [e.uri for e in storage.list_files(str(tmp_path))] == [str(tmp_path / "scan.png")]
+
+
+def test_list_files_of_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(StorageError, match="nowhere does not exist"):
+        storage.list_files(str(tmp_path / "nowhere"))
+
+
+def test_list_children_and_delete_dir(tmp_path):
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "file.json").write_text("{}")
+    assert storage.list_children(str(tmp_path)) == ["file.json"]
+    assert storage.list_children(str(tmp_path), folders=True) == ["run1"]
+    assert storage.list_children(str(tmp_path / "absent")) == []
+    storage.delete_dir(str(tmp_path / "run1"))
+    storage.delete_dir(str(tmp_path / "run1"))  # gone already: nothing to do
+    assert storage.list_children(str(tmp_path), folders=True) == []
+
+
+@pytest.mark.s3
+def test_s3_list_files_lists_a_prefix_recursively(s3_bucket, s3_options):
+    client, bucket = s3_bucket
+    for key in ("in/a.png", "in/sub/b.png", "other/c.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"abc")
+    entries = storage.list_files(f"s3://{bucket}/in", s3_options)
+    assert [e.uri for e in entries] == [f"s3://{bucket}/in/a.png", f"s3://{bucket}/in/sub/b.png"]
+    assert entries[0].path == f"{bucket}/in/a.png" and entries[0].size == 3

@@ -14,15 +14,17 @@ import pytest
 import torch
 
 from brainray import train_loop as train
-from brainray.config import AugmentConfig, TrainConfig, to_dict
+from brainray.config import AugmentConfig, PreprocessConfig, TrainConfig, to_dict
 from brainray.model import build_model
+from brainray.presets import TrainPreset
 
 STEPS = 10
 
 
 def _loop(**overrides) -> dict:
     config = to_dict(TrainConfig(data="d", run_dir="r", **overrides))
-    return {**config, "steps_per_epoch": STEPS, "augment_config": None}
+    preprocess = PreprocessConfig(**config["preprocess"])
+    return {**config, "steps_per_epoch": STEPS, "preset": TrainPreset(preprocess)}
 
 
 @pytest.fixture
@@ -209,7 +211,7 @@ def test_an_epoch_updates_the_ema_once_per_step(single_worker):
 
 
 def test_augment_config_reaches_the_training_input():
-    loop = {**_loop(), "augment_config": AugmentConfig.preset("paper")}
+    loop = {**_loop(), "preset": TrainPreset(PreprocessConfig(8), AugmentConfig.preset("paper"))}
     batch = {"image": np.full((2, 8, 8), 128, np.uint8), "label": np.array([0, 1])}
     x, _ = train._training_input(batch, loop, torch.Generator().manual_seed(0),
                                  torch.device("cpu"))
