@@ -31,6 +31,7 @@ from brainray.checkpoint import (
 from brainray.config import ExplainConfig, StorageOptions
 from brainray.model import unwrap
 from brainray.presets import InferencePreset
+from brainray.publish import COL_FRAME, COL_NEEDS_REVIEW, COL_OOD_REASON, COL_SHA256
 from brainray.transforms import to_model_input
 from brainray.unpack import SourceLimits, expand, is_supported
 
@@ -195,6 +196,44 @@ def _csv_bytes(rows: list[dict]) -> bytes:
     return buffer.getvalue().encode()
 
 
+def _explain_item(cam: GradCam, checkpoint: dict, preset: InferencePreset, item, uri: str,
+                  target: int | None, config: ExplainConfig) -> dict:
+    """Write one image's overlay; its explanations.csv row (with the error when it has one)."""
+    classes = checkpoint["classes"]
+    row = {"uri": uri, "member": item.member, "frame": item.frame, "error": item.error}
+    if not item.ok:
+        return row
+    try:
+        pixels, colour = preset.image(item.image)
+    except (OSError, ValueError) as exc:
+        return {**row, "error": f"cannot preprocess image: {exc}"}
+    heat, probs, targets = cam.explain_images(pixels[None], target)
+    flagged, reasons = ood.check(pixels[None], checkpoint.get("ood_reference"),
+                                 np.array([colour]))
+    explained = int(targets[0])
+    name = overlay_name(uri, item.member, item.frame, item.content_sha256, classes[explained])
+    storage.write_bytes(storage.join(config.output, name), render_overlay(
+        pixels, heat[0], caption(classes, probs[0], explained, reasons[0], heat[0])),
+        config.storage)
+    return {**row, "png": name, "predicted_label": classes[int(probs[0].argmax())],
+            "confidence": float(probs[0].max()), "target_class": classes[explained],
+            "target_probability": float(probs[0][explained]),
+            "out_of_distribution": bool(flagged[0])}
+
+
+def _items(files: list[str], options: StorageOptions, limits: SourceLimits):
+    """(uri, image item) for every image in the files, or (uri, error row) for an unreadable
+    file."""
+    for uri in files:
+        try:
+            items = expand(uri, storage.read_bytes(uri, options), limits)
+        except storage.StorageError as exc:
+            yield uri, {"uri": uri, "error": str(exc)}
+            continue
+        for item in items:
+            yield uri, item
+
+
 def run_explain(config: ExplainConfig) -> dict:
     """`brainray explain`: Grad-CAM overlays for chosen images (runs on the driver, no Ray)."""
     options = config.storage
@@ -203,7 +242,6 @@ def run_explain(config: ExplainConfig) -> dict:
     classes = checkpoint["classes"]
     target = _resolve_target(config.target_class, classes)
     preset = InferencePreset.of(checkpoint)
-    limits = SourceLimits(max_image_pixels=preset.preprocess.max_image_pixels)
     cam = GradCam(model_from_checkpoint(checkpoint), temperature_of(checkpoint))
     files = list_images(config.inputs, options)
     print(f"explaining up to {config.max_images} image(s) from {len(files)} file(s) with "
@@ -212,40 +250,13 @@ def run_explain(config: ExplainConfig) -> dict:
           flush=True)
     rows: list[dict] = []
     written = 0
-    for uri in files:
+    limits = SourceLimits(max_image_pixels=preset.preprocess.max_image_pixels)
+    for uri, item in _items(files, options, limits):
         if written >= config.max_images:
             break
-        try:
-            items = expand(uri, storage.read_bytes(uri, options), limits)
-        except storage.StorageError as exc:
-            rows.append({"uri": uri, "error": str(exc)})
-            continue
-        for item in items:
-            if written >= config.max_images:
-                break
-            row = {"uri": uri, "member": item.member, "frame": item.frame, "error": item.error}
-            if item.ok:
-                try:
-                    pixels, colour = preset.image(item.image)
-                except (OSError, ValueError) as exc:
-                    rows.append({**row, "error": f"cannot preprocess image: {exc}"})
-                    continue
-                heat, probs, targets = cam.explain_images(pixels[None], target)
-                flagged, reasons = ood.check(pixels[None], checkpoint.get("ood_reference"),
-                                             np.array([colour]))
-                name = overlay_name(uri, item.member, item.frame, item.content_sha256,
-                                    classes[int(targets[0])])
-                storage.write_bytes(storage.join(config.output, name), render_overlay(
-                    pixels, heat[0], caption(classes, probs[0], int(targets[0]), reasons[0],
-                                             heat[0])),
-                    options)
-                written += 1
-                row.update(png=name, predicted_label=classes[int(probs[0].argmax())],
-                           confidence=float(probs[0].max()),
-                           target_class=classes[int(targets[0])],
-                           target_probability=float(probs[0][int(targets[0])]),
-                           out_of_distribution=bool(flagged[0]))
-            rows.append(row)
+        rows.append(item if isinstance(item, dict) else _explain_item(
+            cam, checkpoint, preset, item, uri, target, config))
+        written += bool(rows[-1].get("png"))
     storage.write_bytes(storage.join(config.output, "explanations.csv"), _csv_bytes(rows), options)
     errors = sum(1 for r in rows if r.get("error"))
     print(f"wrote {written} overlay(s) and explanations.csv to {storage.redact(config.output)}"
@@ -254,16 +265,25 @@ def run_explain(config: ExplainConfig) -> dict:
     return {"images": written, "errors": errors, "rows": rows}
 
 
-class ReviewExplainer:
-    """Used inside scoring actors: overlays for the rows sent to review, named by content hash.
+class ReviewOverlays:
+    """A scoring step (one model per actor): writes the Grad-CAM overlay of every row sent to
+    review, named by content hash, and passes the rows on without their images.
 
     A failure to explain or write one overlay is printed and skipped: it never fails scoring.
     """
 
-    def __init__(self, model: nn.Module, temperature: float, classes: list[str], output: str,
-                 options: StorageOptions, device: torch.device | None = None):
-        self.cam = GradCam(model, temperature, device)
-        self.classes, self.output, self.options = classes, output, options
+    def __init__(self, model_uri: str, output: str, options: StorageOptions,
+                 use_gpu: bool = False):
+        checkpoint = load_checkpoint(model_uri, options)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.cam = GradCam(model_from_checkpoint(checkpoint), temperature_of(checkpoint), device)
+        self.classes, self.output, self.options = checkpoint["classes"], output, options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = np.flatnonzero(np.asarray(batch[COL_NEEDS_REVIEW], dtype=bool))
+        self.write(batch["image"][rows], [batch[COL_SHA256][i] for i in rows],
+                   [batch[COL_FRAME][i] for i in rows], [batch[COL_OOD_REASON][i] for i in rows])
+        return {k: v for k, v in batch.items() if k != "image"}
 
     def write(self, images: np.ndarray, sha256s, frames, reasons: list[str]) -> int:
         if len(images) == 0:

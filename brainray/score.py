@@ -14,11 +14,8 @@ import posixpath
 import time
 import urllib.parse
 import uuid
-from collections import Counter
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 import torch
 
@@ -29,36 +26,19 @@ from brainray.checkpoint import (
     review_threshold_of,
 )
 from brainray.config import ScoreConfig, StorageOptions
+from brainray.explain import ReviewOverlays
 from brainray.predict import Predictor
 from brainray.presets import InferencePreset
 from brainray.unpack import SourceLimits, expand, is_supported
 
-STATUS_OK, STATUS_ERROR = "ok", "error"
 IMAGES_PER_BLOCK = 64  # bounds memory when one archive expands into thousands of images
 # Decoding runs in CPU tasks of their own beside the actors (a 1-CPU actor leaves room for two),
 # on CPU and GPU clusters alike. A CPU request unlike the actors' keeps Ray Data from fusing the
 # two steps, so the next batches decode while the model runs: on 2 cores, 3,000-image jobs took
 # 27.7 / 27.1 s this way against 36.0 / 30.4 s fused into the actor (bench/scoring.py).
 READ_TASK_CPUS = 0.5
-
-
-def output_schema(classes: list[str]) -> pa.Schema:
-    """The published schema; documented in the README. Columns are only ever added."""
-    return pa.schema(
-        [pa.field("uri", pa.string(), nullable=False),
-         pa.field("member", pa.string()), pa.field("frame", pa.int32()),
-         pa.field("content_sha256", pa.string()),
-         pa.field("predicted_label", pa.string()), pa.field("confidence", pa.float32())]
-        + [pa.field(f"prob_{name}", pa.float32()) for name in classes]
-        + [pa.field("needs_review", pa.bool_()),
-           pa.field("model_id", pa.string(), nullable=False),
-           pa.field("model_name", pa.string(), nullable=False),
-           pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-           pa.field("status", pa.string(), nullable=False), pa.field("error", pa.string()),
-           pa.field("source_size", pa.int64()), pa.field("source_mtime_ns", pa.int64()),
-           pa.field("run_id", pa.string(), nullable=False),
-           # added: not brain MRI by brainray.ood's checks (such rows also get needs_review)
-           pa.field("out_of_distribution", pa.bool_())])
+# Shaping rows into the published schema is light; a small request lets it run beside the rest.
+SHAPE_TASK_CPUS = 0.25
 
 
 def display_uri(uri: str) -> str:
@@ -90,9 +70,13 @@ def list_inputs(inputs: tuple[str, ...], options: StorageOptions) -> list[dict]:
     return [found[k] for k in sorted(found)]
 
 
+_ROW_COLUMNS = (publish.COL_URI, publish.COL_MEMBER, publish.COL_FRAME, publish.COL_SHA256,
+                publish.COL_STATUS, publish.COL_ERROR, publish.COL_SOURCE_SIZE,
+                publish.COL_SOURCE_MTIME, "image", "colour")
+
+
 def _empty_rows() -> dict[str, list]:
-    return {k: [] for k in ("uri", "member", "frame", "content_sha256", "status", "error",
-                            "source_size", "source_mtime_ns", "image", "colour")}
+    return {k: [] for k in _ROW_COLUMNS}
 
 
 OOD_COLUMNS = {"colour_fraction": "ood_colour_fraction", "std": "ood_std", "mean": "ood_mean"}
@@ -141,125 +125,59 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
                     pixels, colour = preset.image(image)
                 except (OSError, ValueError) as exc:
                     item_error = f"cannot preprocess image: {exc}"
-            for key, value in (("uri", display_uri(uri)), ("member", member), ("frame", frame),
-                               ("content_sha256", digest),
-                               ("status", STATUS_ERROR if item_error else STATUS_OK),
-                               ("error", item_error or None), ("source_size", int(size)),
-                               ("source_mtime_ns", int(mtime)), ("image", pixels),
-                               ("colour", colour)):
+            status = publish.STATUS_ERROR if item_error else publish.STATUS_OK
+            values = (display_uri(uri), member, frame, digest, status, item_error or None,
+                      int(size), int(mtime), pixels, colour)
+            for key, value in zip(_ROW_COLUMNS, values, strict=True):
                 rows[key].append(value)
-            if len(rows["uri"]) >= IMAGES_PER_BLOCK:
+            if len(rows[publish.COL_URI]) >= IMAGES_PER_BLOCK:
                 yield _to_block(rows, preprocess.image_size)
                 rows = _empty_rows()
-    if rows["uri"]:
+    if rows[publish.COL_URI]:
         yield _to_block(rows, preprocess.image_size)
 
 
-def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float | np.floating) and np.isnan(value))
-
-
-def _arrow_column(values, arrow_type: pa.DataType) -> pa.Array:
-    """Typed Arrow column from a batch column. Ray hands all-null columns back as float NaN, so
-    missing values are normalised before typing."""
-    cast = int if pa.types.is_integer(arrow_type) else None
-    cleaned = [None if _is_missing(v) else (cast(v) if cast else v) for v in values]
-    return pa.array(cleaned, type=arrow_type)
-
-
 class Scorer:
-    """One model per actor: scores the ok rows of a block and emits rows in the output schema."""
+    """One model per actor: per image of a block, the class probabilities, the review flag and
+    the out-of-distribution verdict (error rows pass through unscored). Output shaping
+    (`publish.output_table`) and review overlays (`explain.ReviewOverlays`) are later steps."""
 
     def __init__(self, model_uri: str, options: StorageOptions, use_gpu: bool,
-                 threshold: float | None, run_id: str, threads: int, ood_check: bool = True,
-                 explain_dir: str | None = None):
+                 threshold: float | None, threads: int, ood_check: bool = True,
+                 keep_images: bool = False):
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
         self.predictor = Predictor(model_uri, options, use_gpu=use_gpu)
-        self.classes = self.predictor.classes
-        self.model_name = self.predictor.model_name
-        self.schema = output_schema(self.classes)
         # None: the review threshold stored in the checkpoint (chosen on validation), else 0.7
         self.threshold = review_threshold_of(
             {"review_threshold": self.predictor.review_threshold}, threshold)
-        self.run_id = run_id
         self.ood_check = ood_check
-        self.explainer = None
-        if explain_dir:
-            from brainray.explain import ReviewExplainer
+        self.keep_images = keep_images  # the overlay step needs them
 
-            self.explainer = ReviewExplainer(self.predictor.model, self.predictor.temperature,
-                                             self.classes, explain_dir, options,
-                                             self.predictor.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch["uri"])
-        ok = np.array([s == STATUS_OK for s in batch["status"]], dtype=bool)
-        probs = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch[publish.COL_URI])
+        ok = np.array([s == publish.STATUS_OK for s in batch[publish.COL_STATUS]], dtype=bool)
+        probs = np.full((n, len(self.predictor.classes)), np.nan, dtype=np.float32)
         if ok.any():
             probs[ok] = self.predictor.predict(batch["image"][ok])
-        best = np.nan_to_num(probs, nan=-1.0).argmax(1)
-        confidence = probs.max(1, initial=-np.inf, where=~np.isnan(probs))
-        ood_flags, ood_reasons = np.zeros(n, dtype=bool), [""] * n
+        flags, reasons = np.zeros(n, dtype=bool), np.full(n, "", dtype=object)
         if self.ood_check and ok.any():
-            flags, reasons = ood.decide({name: np.asarray(batch[column], dtype=np.float64)[ok]
-                                         for name, column in OOD_COLUMNS.items()},
-                                        self.predictor.ood_reference)
-            ood_flags[ok] = flags
-            for i, reason in zip(np.flatnonzero(ok), reasons, strict=True):
-                ood_reasons[i] = reason
-        review = ok & ((confidence < self.threshold) | ood_flags)
-        if self.explainer is not None and review.any():
-            rows = np.flatnonzero(review)
-            self.explainer.write(batch["image"][rows], [batch["content_sha256"][i] for i in rows],
-                                 [batch["frame"][i] for i in rows], [ood_reasons[i] for i in rows])
-        columns = {
-            "uri": batch["uri"], "member": batch["member"], "frame": batch["frame"],
-            "content_sha256": batch["content_sha256"],
-            "predicted_label": [self.classes[b] if o else None for b, o in zip(best, ok,
-                                                                              strict=True)],
-            "confidence": [float(c) if o else None for c, o in zip(confidence, ok, strict=True)],
-            **{f"prob_{name}": [float(p) if o else None for p, o in zip(probs[:, i], ok,
-                                                                        strict=True)]
-               for i, name in enumerate(self.classes)},
-            "needs_review": [bool(r) if o else None for r, o in zip(review, ok, strict=True)],
-            "model_id": [self.predictor.model_id] * n, "model_name": [self.model_name] * n,
-            "scored_at": [dt.datetime.now(dt.UTC)] * n,
-            "status": batch["status"], "error": batch["error"],
-            "source_size": batch["source_size"], "source_mtime_ns": batch["source_mtime_ns"],
-            "run_id": [self.run_id] * n,
-            "out_of_distribution": [bool(f) if o else None for f, o in zip(ood_flags, ok,
-                                                                           strict=True)],
-        }
-        return pa.table({k: _arrow_column(v, self.schema.field(k).type)
-                         for k, v in columns.items()}, schema=self.schema)
-
-
-def _summarize(staging: str, options: StorageOptions, threshold: float) -> dict:
-    """Counts from the staged files (a few small columns; images never come back)."""
-    fs, path = storage.resolve(staging, options)
-    table = pq.read_table(path, filesystem=fs,
-                          columns=["status", "predicted_label", "needs_review",
-                                   "out_of_distribution"])
-    status = Counter(table["status"].to_pylist())
-    return {"images": table.num_rows, "ok": status.get(STATUS_OK, 0),
-            "errors": status.get(STATUS_ERROR, 0),
-            "predicted": dict(Counter(p for p in table["predicted_label"].to_pylist() if p)),
-            "needs_review": sum(1 for r in table["needs_review"].to_pylist() if r),
-            "out_of_distribution": sum(1 for r in table["out_of_distribution"].to_pylist() if r),
-            "confidence_threshold": threshold}
+            flags[ok], reasons[ok] = ood.decide(
+                {name: np.asarray(batch[column], dtype=np.float64)[ok]
+                 for name, column in OOD_COLUMNS.items()}, self.predictor.ood_reference)
+        confidence = np.nan_to_num(probs, nan=0.0).max(1)
+        dropped = {*OOD_COLUMNS.values(), *(() if self.keep_images else ("image",))}
+        return {**{k: v for k, v in batch.items() if k not in dropped},
+                publish.COL_PROBS: probs,
+                publish.COL_NEEDS_REVIEW: ok & ((confidence < self.threshold) | flags),
+                publish.COL_OOD: flags, publish.COL_OOD_REASON: reasons}
 
 
 def _check_output_classes(output: str, classes: list[str], options: StorageOptions) -> None:
     """One dataset holds one set of prob_ columns: refuse a model whose classes differ from those
     of the rows already published, before any work is done."""
-    files = publish.published_files(output, options)
-    if not files:
-        return
-    fs, path = storage.resolve(files[-1], options)
-    names = pq.read_schema(path, filesystem=fs).names
-    published = [name.removeprefix("prob_") for name in names if name.startswith("prob_")]
-    if published != list(classes):
+    published = publish.published_classes(output, options)
+    if published is not None and published != list(classes):
         raise ValueError(f"{storage.redact(output)} holds scores for classes {published}, but "
                          f"the model was trained on {list(classes)}; score into another --output")
 
@@ -287,42 +205,31 @@ def _actor_threads(config: ScoreConfig) -> int:
     return config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.concurrency)
 
 
-def run_scoring(config: ScoreConfig) -> dict:
-    print("brainray score\n" + storage.redacted_json(config), flush=True)
-    options = config.storage
-    storage.ensure_writable(config.output, options)
-    model_uri = locate_checkpoint(config.model, options)
-    checkpoint = load_checkpoint(model_uri, options)
-    model_id = checkpoint["model_id"]
+def _review_threshold(config: ScoreConfig, checkpoint: dict) -> float:
     threshold = review_threshold_of(checkpoint, config.confidence_threshold)
     print(f"needs_review below confidence {threshold:.3f} ("
           + ("--confidence-threshold" if config.confidence_threshold is not None else
              "the checkpoint's review threshold" if "review_threshold" in checkpoint else
              "default") + ")", flush=True)
-    for line in publish.recover(config.output, options):
-        print(line, flush=True)
-    _check_output_classes(config.output, checkpoint["classes"], options)
+    return threshold
 
-    files = list_inputs(config.inputs, options)
-    skipped = 0
-    if config.incremental:
-        done = publish.scored_keys(config.output, model_id, options)
-        before = len(files)
-        files = [f for f in files if (display_uri(f["uri"]), f["size"], f["mtime_ns"]) not in done]
-        skipped = before - len(files)
-    print(f"{len(files)} file(s) to score with model {checkpoint['model_name']} ({model_id}); "
-          f"{skipped} already scored by this model", flush=True)
-    if not files:
-        return {"images": 0, "files": 0, "skipped_files": skipped, "model_id": model_id}
 
-    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-    staging = publish.staging_uri(config.output, run_id)
-    started = time.perf_counter()
-    context = ray.data.DataContext.get_current()
-    raise_original = context.raise_original_map_exception
-    # Tasks raise our own exceptions, not Ray's UserCodeException (which drops the cause), so a
-    # storage outage while reading fails the job with its real one-line reason.
-    context.raise_original_map_exception = True
+def _files_to_score(config: ScoreConfig, model_id: str) -> tuple[list[dict], int]:
+    """The inputs' files this model has not scored yet (all with --rescore), and how many it
+    has."""
+    files = list_inputs(config.inputs, config.storage)
+    if not config.incremental:
+        return files, 0
+    done = publish.scored_keys(config.output, model_id, config.storage)
+    new = [f for f in files if (display_uri(f["uri"]), f["size"], f["mtime_ns"]) not in done]
+    return new, len(files) - len(new)
+
+
+def _scored(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri: str,
+            threshold: float, run_id: str) -> ray.data.Dataset:
+    """The lazy pipeline: read + preprocess tasks, the scoring actors, review overlays (with
+    --explain-review-dir), and rows in the published schema."""
+    options = config.storage
     scored = (
         ray.data.from_items(files)
         .map_batches(read_and_preprocess, batch_size=_files_per_task(config),
@@ -334,14 +241,32 @@ def run_scoring(config: ScoreConfig) -> dict:
         .map_batches(Scorer, batch_size=config.batch_size,
                      fn_constructor_kwargs={
                          "model_uri": model_uri, "options": options, "use_gpu": config.use_gpu,
-                         "threshold": threshold, "run_id": run_id,
-                         "threads": _actor_threads(config),
+                         "threshold": threshold, "threads": _actor_threads(config),
                          "ood_check": config.ood_check,
-                         "explain_dir": config.explain_review_dir},
+                         "keep_images": config.explain_review_dir is not None},
                      compute=ray.data.ActorPoolStrategy(size=config.concurrency),
                      num_gpus=config.num_gpus_per_actor if config.use_gpu else 0,
                      **_scorer_remote_args(config)))
-    fs, staging_path = storage.resolve(staging, options)
+    if config.explain_review_dir is not None:
+        scored = scored.map_batches(
+            ReviewOverlays, fn_constructor_kwargs={
+                "model_uri": model_uri, "output": config.explain_review_dir,
+                "options": options, "use_gpu": config.use_gpu},
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=READ_TASK_CPUS,
+            num_gpus=config.num_gpus_per_actor if config.use_gpu else 0)
+    return scored.map_batches(publish.output_table, num_cpus=SHAPE_TASK_CPUS, fn_kwargs={
+        "classes": checkpoint["classes"], "model_id": checkpoint["model_id"],
+        "model_name": checkpoint["model_name"], "run_id": run_id})
+
+
+def _write_staged(scored: ray.data.Dataset, staging: str, config: ScoreConfig) -> None:
+    """Write the run's rows to its staging folder; a storage outage in a task fails the job with
+    its own one-line reason."""
+    context = ray.data.DataContext.get_current()
+    raise_original = context.raise_original_map_exception
+    # Tasks raise our own exceptions, not Ray's UserCodeException (which drops the cause).
+    context.raise_original_map_exception = True
+    fs, staging_path = storage.resolve(staging, config.storage)
     try:
         scored.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file)
     except ray.exceptions.RayTaskError as exc:
@@ -350,14 +275,38 @@ def run_scoring(config: ScoreConfig) -> dict:
         raise
     finally:
         context.raise_original_map_exception = raise_original
-    wall_s = time.perf_counter() - started
 
-    summary = {**_summarize(staging, options, threshold), "files": len(files),
+
+def run_scoring(config: ScoreConfig) -> dict:
+    print("brainray score\n" + storage.redacted_json(config), flush=True)
+    options = config.storage
+    storage.ensure_writable(config.output, options)
+    model_uri = locate_checkpoint(config.model, options)
+    checkpoint = load_checkpoint(model_uri, options)
+    model_id = checkpoint["model_id"]
+    threshold = _review_threshold(config, checkpoint)
+    for line in publish.recover(config.output, options):
+        print(line, flush=True)
+    _check_output_classes(config.output, checkpoint["classes"], options)
+    files, skipped = _files_to_score(config, model_id)
+    print(f"{len(files)} file(s) to score with model {checkpoint['model_name']} ({model_id}); "
+          f"{skipped} already scored by this model", flush=True)
+    if not files:
+        return {"images": 0, "files": 0, "skipped_files": skipped, "model_id": model_id}
+
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    staging = publish.staging_uri(config.output, run_id)
+    started = time.perf_counter()
+    _write_staged(_scored(config, files, checkpoint, model_uri, threshold, run_id), staging,
+                  config)
+    wall_s = time.perf_counter() - started
+    summary = {**publish.summarize(staging, options, threshold), "files": len(files),
                "skipped_files": skipped, "model_id": model_id, "run_id": run_id,
                "wall_s": wall_s}
     summary["images_per_s"] = summary["images"] / max(wall_s, 1e-9)
     publish.mark_ready(config.output, run_id, summary, options)
-    publish.commit(config.output, run_id, options)
+    for warning in publish.commit(config.output, run_id, options):
+        print(warning, flush=True)
     _print_summary(summary, config.output)
     return summary
 

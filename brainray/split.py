@@ -251,6 +251,26 @@ def _validate_fractions(fractions: Mapping[str, float]) -> tuple[list[str], np.n
     return names, values
 
 
+def _assign_class_groups(sizes: np.ndarray, fractions: np.ndarray) -> np.ndarray:
+    """Split index per group of one class, in the given order: each goes to the split with the
+    largest image deficit against ``fraction * class total`` (ties -> order of fractions)."""
+    deficit = fractions * sizes.sum()
+    groups_in_split = np.zeros(len(fractions), dtype=np.int64)
+    chosen = np.empty(len(sizes), dtype=np.int64)
+    for k, size in enumerate(sizes):
+        empty = np.flatnonzero(groups_in_split == 0)
+        if 0 < empty.size and len(sizes) - k <= empty.size:
+            # Reserve the last groups for splits still empty in this class,
+            # so a large group cannot leave val or test without the class.
+            choice = int(empty[np.argmax(deficit[empty])])
+        else:
+            choice = int(np.argmax(deficit))
+        chosen[k] = choice
+        groups_in_split[choice] += 1
+        deficit[choice] -= size
+    return chosen
+
+
 def stratified_group_split(
     labels: Sequence[Any] | np.ndarray,
     groups: Sequence[int] | np.ndarray,
@@ -287,28 +307,33 @@ def stratified_group_split(
 
     rng = np.random.default_rng(seed)
     group_split = np.empty(n_groups, dtype=np.int64)
-    n_splits = len(names)
     for cls in range(n_labels):
         class_groups = np.flatnonzero(group_label == cls)
-        if class_groups.size == 0:
-            continue
-        class_groups = class_groups[rng.permutation(class_groups.size)]
-        deficit = values * group_size[class_groups].sum()
-        groups_in_split = np.zeros(n_splits, dtype=np.int64)
-        for k, g in enumerate(class_groups):
-            remaining = class_groups.size - k
-            empty = np.flatnonzero(groups_in_split == 0)
-            if 0 < empty.size and remaining <= empty.size:
-                # Reserve the last groups for splits still empty in this class,
-                # so a large group cannot leave val or test without the class.
-                choice = int(empty[np.argmax(deficit[empty])])
-            else:
-                choice = int(np.argmax(deficit))
-            group_split[g] = choice
-            groups_in_split[choice] += 1
-            deficit[choice] -= group_size[g]
+        if class_groups.size:
+            class_groups = class_groups[rng.permutation(class_groups.size)]
+            group_split[class_groups] = _assign_class_groups(group_size[class_groups], values)
 
     return np.array(names, dtype=object)[group_split[group_code]]
+
+
+def _group_findings(group_ids: np.ndarray, group_code: np.ndarray, labels: np.ndarray,
+                    splits: np.ndarray, class_names: list[str]) -> tuple[int, int, list[dict]]:
+    """Groups spanning splits, groups with conflicting labels, and up to 20 of the latter."""
+    members_by_group: list[list[int]] = [[] for _ in group_ids]
+    for i, g in enumerate(group_code.tolist()):
+        members_by_group[g].append(i)
+    conflict_examples, n_conflicts, n_spanning = [], 0, 0
+    for g, members in enumerate(members_by_group):
+        if len({splits[i] for i in members}) > 1:
+            n_spanning += 1
+        member_labels = labels[members]
+        if np.unique(member_labels).size > 1:
+            n_conflicts += 1
+            if len(conflict_examples) < 20:
+                conflict_examples.append({
+                    "group": group_ids[g].item(), "members": members[:20],
+                    "labels": [class_names[int(x)] for x in member_labels[:20]]})
+    return n_spanning, n_conflicts, conflict_examples
 
 
 def split_report(
@@ -333,28 +358,8 @@ def split_report(
         raise ValueError("labels must be integer indices into class_names")
 
     group_ids, group_code, group_size = np.unique(groups, return_inverse=True, return_counts=True)
-    group_code = group_code.ravel()
-    members_by_group: list[list[int]] = [[] for _ in group_ids]
-    for i, g in enumerate(group_code.tolist()):
-        members_by_group[g].append(i)
-
-    conflict_examples = []
-    n_conflicts = 0
-    n_spanning = 0
-    for g, members in enumerate(members_by_group):
-        if len({splits[i] for i in members}) > 1:
-            n_spanning += 1
-        member_labels = labels[members]
-        if np.unique(member_labels).size > 1:
-            n_conflicts += 1
-            if len(conflict_examples) < 20:
-                conflict_examples.append(
-                    {
-                        "group": group_ids[g].item(),
-                        "members": members[:20],
-                        "labels": [class_names[int(x)] for x in member_labels[:20]],
-                    }
-                )
+    n_spanning, n_conflicts, conflict_examples = _group_findings(
+        group_ids, group_code.ravel(), labels, splits, class_names)
 
     split_names = list(dict.fromkeys(splits.tolist()))
     counts = {str(s): {name: 0 for name in class_names} for s in split_names}

@@ -22,7 +22,7 @@ from brainray import score as score_job
 from brainray.checkpoint import CHECKPOINT_FORMAT
 from brainray.cli import run
 from brainray.config import DEFAULT_CLASSES, StorageOptions
-from brainray.score import output_schema
+from brainray.publish import output_schema
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, encode, synthetic_scan, upload_tree, write_tree
 from tests.corpus import write_checkpoint
 from tests.faultproxy import Fault, FaultProxy
@@ -324,14 +324,17 @@ def _crash_on_success_marker(real):
     return write_json
 
 
+# point -> (how to crash there, the run's exit status). Before the manifest names the run,
+# nothing is committed: exit 1. After it, the rows are published and only the cleanup is left
+# for the next run: exit 0 with a warning (jobs/score.py's contract).
 CRASH_POINTS = {
     # after _READY, before the copy into scores/ and the manifest
-    "after_ready": lambda mp: mp.setattr(publish, "commit", _crash),
+    "after_ready": (lambda mp: mp.setattr(publish, "commit", _crash), 1),
     # after the manifest names the run, before _SUCCESS and the staging cleanup
-    "after_manifest": lambda mp: mp.setattr(publish.storage, "write_json",
-                                            _crash_on_success_marker(storage.write_json)),
+    "after_manifest": (lambda mp: mp.setattr(publish.storage, "write_json",
+                                             _crash_on_success_marker(storage.write_json)), 0),
     # after _SUCCESS, before the staging folder is deleted
-    "before_cleanup": lambda mp: mp.setattr(publish, "_delete_dir", _crash),
+    "before_cleanup": (lambda mp: mp.setattr(publish.storage, "delete_dir", _crash), 0),
 }
 
 
@@ -343,10 +346,14 @@ def test_a_crash_late_in_the_commit_is_rolled_forward_exactly_once(ray_cluster, 
     # Given a scoring run that crashes at this point of its commit
     inputs = write_tree(tmp_path / "in", _images(7))
     output = tmp_path / "out"
+    crash, expected_code = CRASH_POINTS[point]
     with pytest.MonkeyPatch.context() as mp:
-        CRASH_POINTS[point](mp)
-        assert _score(model_path, [inputs], output, "--rows-per-file", "3") == 1
-    assert "simulated crash" in _one_line_error(capfd)
+        crash(mp)
+        assert _score(model_path, [inputs], output, "--rows-per-file", "3") == expected_code
+    if expected_code:
+        assert "simulated crash" in _one_line_error(capfd)
+    else:
+        assert "is committed, but cleaning up after it failed" in capfd.readouterr().out
     staged = [p for p in (output / "_staging").iterdir()]
     assert len(staged) == 1 and (staged[0] / publish.READY).exists()
 

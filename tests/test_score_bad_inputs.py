@@ -22,6 +22,7 @@ import pytest
 
 from brainray.cli import run
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
+from brainray.presets import InferencePreset
 from brainray.score import display_uri, list_inputs, read_and_preprocess
 from brainray.unpack import SourceLimits
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET
@@ -226,7 +227,8 @@ def test_corpus_item_is_read_without_exception_in_bounded_memory(item, tmp_path)
     started = time.perf_counter()
     with _PeakRss() as memory:
         blocks = list(read_and_preprocess(
-            batch, options=StorageOptions(), preprocess=PreprocessConfig(image_size=IMAGE_SIZE),
+            batch, options=StorageOptions(),
+            preset=InferencePreset(PreprocessConfig(image_size=IMAGE_SIZE)),
             limits=SourceLimits(), max_file_bytes=2 * 1024**3))
     elapsed = time.perf_counter() - started
     # Then no exception, bounded memory and time, and the expected rows

@@ -11,9 +11,11 @@ from brainray import ood
 from brainray.checkpoint import make_checkpoint, serialize, with_fields
 from brainray.cli import build_parser, score_config
 from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
-from brainray.explain import review_overlay_name
+from brainray.explain import ReviewOverlays, review_overlay_name
 from brainray.model import build_model
-from brainray.score import Scorer, output_schema, read_and_preprocess
+from brainray.presets import InferencePreset
+from brainray.publish import output_schema, output_table
+from brainray.score import Scorer, read_and_preprocess
 from brainray.unpack import SourceLimits
 from tests.conftest import encode, synthetic_scan, write_tree
 from tests.test_ood import colour_photo, text_on_white
@@ -45,16 +47,23 @@ def batch(tmp_path):
     blocks = list(read_and_preprocess(
         {"uri": np.array(uris, dtype=object), "size": np.array([1] * len(uris)),
          "mtime_ns": np.array([1] * len(uris))}, options=StorageOptions(),
-        preprocess=PreprocessConfig(SIZE), limits=SourceLimits(), max_file_bytes=10**9))
+        preset=InferencePreset(PreprocessConfig(SIZE)), limits=SourceLimits(),
+        max_file_bytes=10**9))
     assert len(blocks) == 1
     return blocks[0]
 
 
 def _score(tmp_path, batch, threshold=None, explain=False, **fields):
-    scorer = Scorer(_checkpoint_file(tmp_path, **fields), StorageOptions(), use_gpu=False,
-                    threshold=threshold, run_id="run", threads=1,
-                    explain_dir=str(tmp_path / "review") if explain else None)
-    return scorer(batch).to_pandas()
+    """The scoring steps of the pipeline, in order: score, review overlays, published rows."""
+    model = _checkpoint_file(tmp_path, **fields)
+    scorer = Scorer(model, StorageOptions(), use_gpu=False, threshold=threshold, threads=1,
+                    keep_images=explain)
+    scored = scorer(batch)
+    if explain:
+        scored = ReviewOverlays(model, str(tmp_path / "review"), StorageOptions())(scored)
+    return output_table(scored, classes=list(DEFAULT_CLASSES),
+                        model_id=scorer.predictor.model_id, model_name="paper_cnn",
+                        run_id="run").to_pandas()
 
 
 def test_out_of_distribution_rows_are_flagged_and_sent_to_review(tmp_path, batch):
@@ -96,9 +105,9 @@ def test_calibrated_checkpoint_changes_confidence_not_labels(tmp_path, batch):
 
 def test_ood_check_can_be_switched_off(tmp_path, batch):
     scorer = Scorer(_checkpoint_file(tmp_path), StorageOptions(), use_gpu=False, threshold=0.0,
-                    run_id="run", threads=1, ood_check=False)
-    rows = scorer(batch).to_pandas()
-    assert not rows.out_of_distribution.any() and not rows.needs_review.any()
+                    threads=1, ood_check=False)
+    rows = scorer(batch)
+    assert not rows["out_of_distribution"].any() and not rows["needs_review"].any()
 
 
 def test_the_published_schema_only_grows_at_the_end():

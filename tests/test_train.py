@@ -131,19 +131,37 @@ def test_relaunch_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path, capf
     assert second["resumed_at_epochs"] == [2] and first["resumed_at_epochs"] == []
 
 
-def test_relaunch_with_different_data_settings_is_refused(ray_cluster, tmp_path, capsys):
-    # Given a run directory holding a run with seed 0
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"seed": 0}))
+def _config_of(*flags: str):
+    from brainray.cli import build_parser, train_config
+
+    return train_config(build_parser().parse_args(["train", *flags]))
+
+
+def test_relaunch_with_another_seed_is_refused(ray_cluster, tmp_path, capsys):
+    # Given the config.json that a seed-0 run of exactly these flags wrote into its run dir
     data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=4))
+    run_dir = tmp_path / "run"
+    flags = ["--data", str(data), "--run-dir", str(run_dir), *FAST]
+    storage.write_text(str(run_dir / "config.json"),
+                       storage.redacted_json(_config_of(*flags, "--seed", "0")))
 
-    # When a run with another split seed is launched into it
-    code = run(["train", "--data", str(data), "--run-dir", str(run_dir), "--seed", "7", *FAST])
+    # When the same command is relaunched with only the seed changed
+    code = run(["train", *flags, "--seed", "7"])
 
-    # Then it fails with a one-line reason instead of mixing two experiments
+    # Then it fails with a one-line reason that names the seed, and nothing else
     assert code == 1
-    assert "different" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("holds a run with different seed; use a new --run-dir or the same "
+                        "settings"), err
+
+
+def test_relaunch_with_the_same_settings_passes_the_resume_check(tmp_path, capsys):
+    from brainray.train import _check_resume
+
+    config = _config_of("--data", "/d", "--run-dir", str(tmp_path / "run"), *FAST)
+    storage.write_text(str(tmp_path / "run" / "config.json"), storage.redacted_json(config))
+    _check_resume(config)  # raises on any difference
+    assert "resuming the run in" in capsys.readouterr().out
 
 
 def test_missing_data_fails_fast_with_the_uri(ray_cluster, tmp_path, capsys):
