@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from brainray.config import COL_IMAGE, COL_LABEL, COL_PATH, COL_PROBS
 from brainray.data import select_rows
+from brainray.metrics import accuracy_ci95
 from brainray.predict import predict_labeled
 
 THRESHOLD_FRACTION = 0.10
@@ -85,8 +86,6 @@ def brain_fraction_batch(batch: dict[str, np.ndarray], *, path_column: str
 
 
 def _accuracies(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict:
-    from brainray.metrics import accuracy_ci95
-
     pred = probs.argmax(1)
     recalls = [float((pred[y == k] == k).mean()) for k in range(n_classes) if (y == k).any()]
     correct = int((pred == y).sum())

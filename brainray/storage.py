@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from brainray.config import StorageOptions
+from brainray.config import StorageOptions, to_dict
 
 DEFAULT_REGION = "us-east-1"
 # Every S3 request is retried by the AWS SDK's standard strategy (exponential backoff with full
@@ -80,8 +80,6 @@ def redact_values(value):
 
 def redacted_json(config) -> str:
     """A config dataclass as JSON for logs and run directories, with any credential stripped."""
-    from brainray.config import to_dict
-
     return json.dumps(redact_values(to_dict(config)), indent=2, sort_keys=True)
 
 

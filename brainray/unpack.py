@@ -17,17 +17,28 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
-if TYPE_CHECKING:
-    import numpy as np
-    from PIL import Image
-    from pydicom.dataset import Dataset
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom import uid
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_rescale,
+    apply_voi,
+    apply_windowing,
+    get_decoder,
+    iter_pixels,
+)
+from pydicom.pixels.utils import get_nr_frames
 
-# Kept literal (not built from config.IMAGE_EXTENSIONS) so importing this module stays cheap;
-# a test checks that the two lists agree.
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif",
-                                   ".webp")
+from brainray.config import IMAGE_EXTENSIONS
+from brainray.transforms import ImageDecodeError, decode_image
+
+IMAGE_SUFFIXES: tuple[str, ...] = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -131,9 +142,6 @@ def _expand_file(kind: str | None, data: bytes, member: str | None,
 
 
 def _expand_image(data: bytes, member: str | None, limits: SourceLimits) -> SourceImage:
-    # Imported here: brainray.transforms pulls in torch, too slow for a module that only lists.
-    from brainray.transforms import ImageDecodeError, decode_image
-
     sha = _sha256(data)
     try:
         # Multi-frame GIF/TIFF: decode_image loads frame 0 and leaves the image positioned there.
@@ -181,8 +189,6 @@ def _expand_dicom(data: bytes, member: str | None, limits: SourceLimits,
 
 
 def _read_dicom(data: bytes, force: bool) -> Dataset:
-    import pydicom
-    from pydicom.datadict import keyword_for_tag
 
     ds = pydicom.dcmread(io.BytesIO(data), force=force)
     # force=True "reads" any bytes as a dataset of unknown tags: a PNG would become one
@@ -196,9 +202,6 @@ def _read_dicom(data: bytes, force: bool) -> Dataset:
 def _ensure_transfer_syntax(ds: Dataset) -> None:
     # Raw datasets (no file meta) can only be uncompressed; pydicom knows how it parsed them but
     # will not decode pixels without an explicit transfer syntax.
-    from pydicom import uid
-    from pydicom.dataset import FileMetaDataset
-
     if not hasattr(ds, "file_meta"):
         ds.file_meta = FileMetaDataset()
     if ds.file_meta.get("TransferSyntaxUID") or ds.original_encoding[0] is None:
@@ -218,9 +221,6 @@ def _transfer_syntax_label(ds: Dataset) -> str:
 
 def _dicom_problem(ds: Dataset, limits: SourceLimits) -> str:
     """Why the pixels must not be decoded, checked from the header alone; "" when fine."""
-    from pydicom.pixels import get_decoder
-    from pydicom.pixels.utils import get_nr_frames
-
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         return "DICOM has no pixel data"
     if "Rows" not in ds or "Columns" not in ds:
@@ -247,7 +247,6 @@ def _dicom_problem(ds: Dataset, limits: SourceLimits) -> str:
 
 
 def _decode_frames(ds: Dataset, member: str | None, sha: str) -> list[SourceImage]:
-    from pydicom.pixels import iter_pixels
 
     items: list[SourceImage] = []
     # One frame at a time: a long series never holds all its decoded frames as 16-bit or float.
@@ -270,7 +269,6 @@ def _decode_frames(ds: Dataset, member: str | None, sha: str) -> list[SourceImag
 
 
 def _frame_to_image(frame: np.ndarray, ds: Dataset, index: int) -> Image.Image:
-    from PIL import Image
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in _COLOR_PHOTOMETRICS or frame.ndim == 3:
@@ -283,8 +281,6 @@ def _frame_to_image(frame: np.ndarray, ds: Dataset, index: int) -> Image.Image:
 
 def _color_to_uint8(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     # iter_pixels already converts YBR_FULL/YBR_FULL_422 to RGB (and JPEG decoders YBR_ICT/RCT).
-    import numpy as np
-    from pydicom.pixels import apply_color_lut
 
     if photometric == "PALETTE COLOR":
         frame = apply_color_lut(frame, ds)
@@ -295,7 +291,6 @@ def _color_to_uint8(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndar
 
 def _frame_view(ds: Dataset, index: int) -> Dataset:
     """A dataset with the elements pydicom's LUT helpers read, as they apply to frame `index`."""
-    from pydicom.dataset import Dataset
 
     view = Dataset()
     view.file_meta = ds.file_meta  # the helpers read LUT byte order from it
@@ -317,8 +312,6 @@ def _frame_view(ds: Dataset, index: int) -> Dataset:
 
 def _gray_to_unit(frame: np.ndarray, view: Dataset) -> np.ndarray:
     """Stored values -> [0, 1] display values: modality LUT/rescale, then VOI LUT or window."""
-    import numpy as np
-    from pydicom.pixels import apply_rescale
 
     values = apply_rescale(frame, view)
     if view.get("VOILUTSequence"):
@@ -332,8 +325,6 @@ def _gray_to_unit(frame: np.ndarray, view: Dataset) -> np.ndarray:
 
 
 def _apply_window(values: np.ndarray, view: Dataset) -> np.ndarray:
-    import numpy as np
-    from pydicom.pixels import apply_windowing
 
     # apply_windowing maps the window onto a range it derives from BitsStored, the signedness
     # and the rescale; windowing -inf and +inf asks it for that range's two ends.
@@ -343,8 +334,6 @@ def _apply_window(values: np.ndarray, view: Dataset) -> np.ndarray:
 
 
 def _apply_voi_lut_sequence(values: np.ndarray, view: Dataset) -> np.ndarray:
-    import numpy as np
-    from pydicom.pixels import apply_voi
 
     if not np.issubdtype(values.dtype, np.integer):
         values = np.rint(values).astype(np.int64)  # a LUT is indexed by integer values
@@ -355,7 +344,6 @@ def _apply_voi_lut_sequence(values: np.ndarray, view: Dataset) -> np.ndarray:
 
 def _min_max(values: np.ndarray) -> np.ndarray:
     # No window in the file: stretch the frame's own range, as viewers do by default.
-    import numpy as np
 
     values = values.astype(np.float64)
     finite = values[np.isfinite(values)]
@@ -366,7 +354,6 @@ def _min_max(values: np.ndarray) -> np.ndarray:
 
 
 def _unit_to_uint8(unit: np.ndarray) -> np.ndarray:
-    import numpy as np
 
     scaled = np.nan_to_num(unit, nan=0.0, posinf=1.0, neginf=0.0) * 255.0
     return np.clip(scaled.round(), 0, 255).astype(np.uint8)
