@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import os
 import sys
+import tempfile
 import traceback
 
 from brainray.config import (
@@ -55,6 +56,9 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
                      help="one GPU per worker (default: auto, if the cluster has GPUs)")
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="CPU only")
+    group.add_argument("--verbose", action="store_true",
+                       help="show Ray's own output on the console too (by default it goes to a "
+                            "log file in the output's logs/ folder)")
 
 
 _TRAIN_EXAMPLES = """examples:
@@ -177,6 +181,16 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads per worker; 0 = the node's cores / its workers")
     c.add_argument("--max-failures", type=int, default=d["max_failures"].default,
                    help="restarts from the latest checkpoint after a worker dies")
+    k = p.add_argument_group("experiment tracking (TensorBoard events always go to "
+                             "<run-dir>/tensorboard/)")
+    k.add_argument("--mlflow-tracking-uri", default=None,
+                   help="log the run to MLflow: params, per-epoch metrics, test metrics and the "
+                        "run's files (default: $MLFLOW_TRACKING_URI; unset = no MLflow)")
+    k.add_argument("--mlflow-experiment", default=d["mlflow_experiment"].default,
+                   help="MLflow experiment name")
+    k.add_argument("--mlflow-register-model", default=None, metavar="NAME",
+                   help="also register model.pt as a version of this registered model, tagged "
+                        "with the test metrics")
     t = p.add_argument_group("calibration and abstention")
     t.add_argument("--target-accuracy", type=float, default=d["target_accuracy"].default,
                    help="the review threshold stored with the model is the smallest calibrated "
@@ -376,7 +390,10 @@ def train_config(args) -> TrainConfig:
         dedup_max_hamming=args.dedup_max_hamming,
         dedup_min_similarity=args.dedup_min_similarity, max_failures=args.max_failures,
         preprocess=PreprocessConfig(image_size=image_size), storage=_storage(args),
-        target_accuracy=args.target_accuracy)
+        target_accuracy=args.target_accuracy,
+        mlflow_tracking_uri=args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        mlflow_experiment=args.mlflow_experiment,
+        mlflow_registered_model=args.mlflow_register_model)
 
 
 def _absolute(uri: str | None) -> str | None:
@@ -462,6 +479,7 @@ def init_ray(address: str | None, use_gpu: bool | None) -> bool:
     """Connect to the cluster (or start a local one); resolve --use-gpu's auto default."""
     import ray
 
+    from brainray.console import say
     from brainray.runtime_env import tune_this_process, worker_env_vars
 
     if not ray.is_initialized():
@@ -471,8 +489,8 @@ def init_ray(address: str | None, use_gpu: bool | None) -> bool:
                  runtime_env={"env_vars": env_vars} if env_vars else None)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        print(f"GPUs {'found' if use_gpu else 'not found'} in the cluster: "
-              f"{'using' if use_gpu else 'not using'} them", flush=True)
+        say(f"GPUs {'found' if use_gpu else 'not found'} in the cluster: "
+              f"{'using' if use_gpu else 'not using'} them")
     return use_gpu
 
 
@@ -529,14 +547,57 @@ def run(argv: list[str] | None = None) -> int:
     try:
         if args.command in _WITHOUT_RAY:
             _run_job(args.command, config)
-            return 0
-        config = dataclasses.replace(config, use_gpu=init_ray(args.address, args.use_gpu))
-        check_output_reachable(args.command, config, _alive_nodes())
-        _run_job(args.command, config)
+        else:
+            _run_ray_job(args, config)
     except Exception as exc:  # the job's last word must be one readable line
         _fail(args.command, exc)
         return 1
     return 0
+
+
+def _log_files(command: str, config, verbose: bool) -> tuple[str | None, str | None]:
+    """(local file Ray's output is written to, URI it is copied to afterwards): the output's
+    logs/ folder, through a local file when the output is on S3; (None, None) with --verbose."""
+    from brainray import storage
+
+    if verbose:
+        return None, None
+    output = _output_uri(command, config)
+    name = f"{command}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
+    if storage.is_local(output):
+        return storage.join(output, "logs", name), None
+    return os.path.join(tempfile.mkdtemp(prefix="brainray-log-"), name), storage.join(
+        output, "logs", name)
+
+
+def _run_ray_job(args, config) -> None:
+    """Connect to (or start) Ray and run the job, Ray's own output going to the log file."""
+    import ray
+
+    from brainray import storage
+    from brainray.console import captured, say
+
+    local_log, remote_log = _log_files(args.command, config, args.verbose)
+    ours = not ray.is_initialized()  # a caller's Ray (a notebook, a test) is left running
+    try:
+        with captured(local_log) as out:
+            if local_log:
+                out.line(f"Ray's own output goes to {storage.redact(remote_log or local_log)}")
+            try:
+                config = dataclasses.replace(config,
+                                             use_gpu=init_ray(args.address, args.use_gpu))
+                check_output_reachable(args.command, config, _alive_nodes())
+                _run_job(args.command, config)
+            finally:
+                if ours:  # flushes the workers' last forwarded lines into the log, too
+                    ray.shutdown()
+    finally:
+        if remote_log and os.path.exists(local_log):
+            try:
+                with open(local_log, "rb") as f:
+                    storage.write_bytes(remote_log, f.read(), config.storage)
+            except storage.StorageError as exc:  # the job's own outcome matters more
+                say(f"warning: cannot copy Ray's log to {storage.redact(remote_log)}: {exc}")
 
 
 def main() -> None:

@@ -166,6 +166,10 @@ class TrainConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
     # abstention: the review threshold is chosen on validation for this accepted-set accuracy
     target_accuracy: float = 0.99
+    # experiment tracking (brainray.tracking); TensorBoard events are always written
+    mlflow_tracking_uri: str | None = None  # e.g. http://mlflow:5000 or sqlite:///mlflow.db
+    mlflow_experiment: str = "brainray"
+    mlflow_registered_model: str | None = None  # register model.pt under this name
 
     @property
     def architecture(self) -> dict:
@@ -193,6 +197,8 @@ class TrainConfig:
             (0 < self.backbone_lr_factor <= 1, "backbone lr factor must be in (0, 1]"),
             (0 <= self.dedup_min_similarity <= 1, "dedup min similarity must be in [0, 1]"),
             (self.warmup_epochs >= 0, "warmup epochs must be >= 0"),
+            (self.mlflow_registered_model is None or self.mlflow_tracking_uri is not None,
+             "--mlflow-register-model needs --mlflow-tracking-uri (or MLFLOW_TRACKING_URI)"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.preprocess.image_size >= 8, "image size must be >= 8 pixels to train"),
             (self.batch_size_per_worker >= 1, "batch size must be >= 1"),

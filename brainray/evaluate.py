@@ -12,6 +12,7 @@ from brainray.checkpoint import (
     temperature_of,
 )
 from brainray.config import COL_ERROR, COL_PATH, EvalConfig, to_dict
+from brainray.console import say
 from brainray.data import load_labeled
 from brainray.predict import predict_labeled
 from brainray.report import compute_metrics, predictions_table, skipped_files, write_report
@@ -25,8 +26,8 @@ def run_evaluation(config: EvalConfig) -> dict:
     model_uri = locate_checkpoint(config.model, options)
     checkpoint = load_checkpoint(model_uri, options)
     classes = checkpoint["classes"]
-    print(f"evaluating {checkpoint['model_name']} (model_id {checkpoint['model_id']}, "
-          f"classes {classes}) on {storage.redact(config.data)}", flush=True)
+    say(f"evaluating {checkpoint['model_name']} (model_id {checkpoint['model_id']}, "
+          f"classes {classes}) on {storage.redact(config.data)}")
     labeled = load_labeled(config.data, classes, preprocess_config(checkpoint), options)
     usable = labeled.index[labeled.index[COL_ERROR] == ""][COL_PATH]
     predictions = predict_labeled(labeled.dataset, usable, model_uri, options, config.batch_size,
@@ -40,15 +41,14 @@ def run_evaluation(config: EvalConfig) -> dict:
             labeled.dataset, usable, model_uri, options, classes, predictions, config.batch_size,
             config.num_actors, config.use_gpu)
     write_report(config.output, report, options, predictions_table(predictions, classes))
-    print(metric_fns.format_summary(test), flush=True)
+    say(metric_fns.format_summary(test))
     if "shortcut" in report:
         shortcut = report["shortcut"]
-        print(f"shortcut check: balanced accuracy brain only "
+        say(f"shortcut check: balanced accuracy brain only "
               f"{shortcut['brain_only']['balanced_accuracy']:.3f}, background only "
               f"{shortcut['background_only']['balanced_accuracy']:.3f} (chance "
               f"{shortcut['chance_balanced_accuracy']:.3f}): "
-              + ("SHORTCUT SUSPECTED" if shortcut["shortcut_suspected"] else "no shortcut found"),
-              flush=True)
+              + ("SHORTCUT SUSPECTED" if shortcut["shortcut_suspected"] else "no shortcut found"))
     if report["skipped_files"]:
-        print(f"skipped {len(report['skipped_files'])} unreadable file(s); see metrics.json")
+        say(f"skipped {len(report['skipped_files'])} unreadable file(s); see metrics.json")
     return report

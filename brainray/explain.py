@@ -29,6 +29,7 @@ from brainray.checkpoint import (
     temperature_of,
 )
 from brainray.config import ExplainConfig, StorageOptions
+from brainray.console import say
 from brainray.model import unwrap
 from brainray.presets import InferencePreset
 from brainray.publish import COL_FRAME, COL_NEEDS_REVIEW, COL_OOD_REASON, COL_SHA256
@@ -244,10 +245,9 @@ def run_explain(config: ExplainConfig) -> dict:
     preset = InferencePreset.of(checkpoint)
     cam = GradCam(model_from_checkpoint(checkpoint), temperature_of(checkpoint))
     files = list_images(config.inputs, options)
-    print(f"explaining up to {config.max_images} image(s) from {len(files)} file(s) with "
+    say(f"explaining up to {config.max_images} image(s) from {len(files)} file(s) with "
           f"{checkpoint['model_name']} ({checkpoint['model_id']}), Grad-CAM on the last "
-          f"convolution, target {'the predicted class' if target is None else classes[target]}",
-          flush=True)
+          f"convolution, target {'the predicted class' if target is None else classes[target]}")
     rows: list[dict] = []
     written = 0
     limits = SourceLimits(max_image_pixels=preset.preprocess.max_image_pixels)
@@ -259,9 +259,8 @@ def run_explain(config: ExplainConfig) -> dict:
         written += bool(rows[-1].get("png"))
     storage.write_bytes(storage.join(config.output, "explanations.csv"), _csv_bytes(rows), options)
     errors = sum(1 for r in rows if r.get("error"))
-    print(f"wrote {written} overlay(s) and explanations.csv to {storage.redact(config.output)}"
-          + (f"; {errors} input(s) could not be explained (see the csv)" if errors else ""),
-          flush=True)
+    say(f"wrote {written} overlay(s) and explanations.csv to {storage.redact(config.output)}"
+          + (f"; {errors} input(s) could not be explained (see the csv)" if errors else ""))
     return {"images": written, "errors": errors, "rows": rows}
 
 

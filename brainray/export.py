@@ -28,6 +28,7 @@ from torch import nn
 from brainray import storage
 from brainray.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of, tta_of
 from brainray.config import ExportConfig
+from brainray.console import say
 from brainray.transforms import inference_views
 
 TORCHSCRIPT_FILE = "model.ts"
@@ -148,9 +149,9 @@ def run_export(config: ExportConfig) -> dict:
     metadata = export_metadata(checkpoint, files)
     storage.write_bytes(storage.join(config.output, "export.json"),
                         json.dumps(metadata, indent=2).encode(), options)
-    print(f"exported {checkpoint['model_name']} ({checkpoint['model_id']}, temperature "
+    say(f"exported {checkpoint['model_name']} ({checkpoint['model_id']}, temperature "
           f"{metadata['temperature']:.3f}) to {storage.redact(config.output)}: "
-          f"{', '.join(files)} + export.json; outputs are calibrated probabilities", flush=True)
+          f"{', '.join(files)} + export.json; outputs are calibrated probabilities")
     if onnx_note:
-        print(onnx_note, flush=True)
+        say(onnx_note)
     return {**metadata, "onnx_note": onnx_note}

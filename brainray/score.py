@@ -26,6 +26,7 @@ from brainray.checkpoint import (
     review_threshold_of,
 )
 from brainray.config import ScoreConfig, StorageOptions
+from brainray.console import EventPump, Events, console, say
 from brainray.explain import ReviewOverlays
 from brainray.predict import Predictor
 from brainray.presets import InferencePreset
@@ -94,11 +95,13 @@ def _to_block(rows: dict[str, list], image_size: int) -> dict[str, np.ndarray]:
 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions,
-                        preset: InferencePreset, limits: SourceLimits, max_file_bytes: int):
-    """Input files -> blocks of preprocessed images, one row per image; failures become rows."""
+                        preset: InferencePreset, limits: SourceLimits, max_file_bytes: int,
+                        events: Events | None = None):
+    """Input files -> blocks of preprocessed images, one row per image; failures become rows.
+    With `events`, each block tells the driver how many more files are done."""
     preprocess = preset.preprocess
     blank = np.zeros((preprocess.image_size, preprocess.image_size), np.uint8)
-    rows = _empty_rows()
+    rows, files_done = _empty_rows(), 0
     for uri, size, mtime in zip(batch["uri"], batch["size"], batch["mtime_ns"], strict=True):
         if size > max_file_bytes:
             items, data = [], None
@@ -131,10 +134,19 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
             for key, value in zip(_ROW_COLUMNS, values, strict=True):
                 rows[key].append(value)
             if len(rows[publish.COL_URI]) >= IMAGES_PER_BLOCK:
+                _send_files(events, files_done)
+                files_done = 0
                 yield _to_block(rows, preprocess.image_size)
                 rows = _empty_rows()
+        files_done += 1
+    _send_files(events, files_done)
     if rows[publish.COL_URI]:
         yield _to_block(rows, preprocess.image_size)
+
+
+def _send_files(events: Events | None, files: int) -> None:
+    if events is not None and files:
+        events.send("files", files)
 
 
 class Scorer:
@@ -144,7 +156,7 @@ class Scorer:
 
     def __init__(self, model_uri: str, options: StorageOptions, use_gpu: bool,
                  threshold: float | None, threads: int, ood_check: bool = True,
-                 keep_images: bool = False):
+                 keep_images: bool = False, events: Events | None = None):
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
         self.predictor = Predictor(model_uri, options, use_gpu=use_gpu)
@@ -153,6 +165,7 @@ class Scorer:
             {"review_threshold": self.predictor.review_threshold}, threshold)
         self.ood_check = ood_check
         self.keep_images = keep_images  # the overlay step needs them
+        self.events = events
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[publish.COL_URI])
@@ -166,6 +179,8 @@ class Scorer:
                 {name: np.asarray(batch[column], dtype=np.float64)[ok]
                  for name, column in OOD_COLUMNS.items()}, self.predictor.ood_reference)
         confidence = np.nan_to_num(probs, nan=0.0).max(1)
+        if self.events is not None:
+            self.events.send("scored", {"rows": n, "errors": int(n - ok.sum())})
         dropped = {*OOD_COLUMNS.values(), *(() if self.keep_images else ("image",))}
         return {**{k: v for k, v in batch.items() if k not in dropped},
                 publish.COL_PROBS: probs,
@@ -205,12 +220,41 @@ def _actor_threads(config: ScoreConfig) -> int:
     return config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.concurrency)
 
 
+class ScoringProgress:
+    """The driver's view of a scoring run from the tasks' and actors' events: a bar over the
+    files on a terminal, a line at most every 30 s elsewhere."""
+
+    def __init__(self, n_files: int):
+        self.n_files, self.files, self.rows, self.errors = n_files, 0, 0, 0
+        self.started = time.perf_counter()
+
+    def __call__(self, kind: str, payload) -> None:
+        if kind == "files":
+            self.files += payload
+        elif kind == "scored":
+            self.rows += payload["rows"]
+            self.errors += payload["errors"]
+        console().progress(self.files, self.n_files, "scoring",
+                           f"{self.rows:,} images, {self.errors:,} errors, "
+                           f"{self._rate():.0f} img/s", plain=self.plain)
+
+    def _rate(self) -> float:
+        return self.rows / max(time.perf_counter() - self.started, 1e-9)
+
+    def plain(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        left = self.n_files - self.files
+        eta = f"{elapsed / self.files * left / 60:.1f} min" if self.files else "unknown"
+        return (f"  scored {self.rows:,} image(s) from {self.files:,}/{self.n_files:,} "
+                f"file(s), {self.errors:,} error(s), {self._rate():.0f} img/s, ETA {eta}")
+
+
 def _review_threshold(config: ScoreConfig, checkpoint: dict) -> float:
     threshold = review_threshold_of(checkpoint, config.confidence_threshold)
-    print(f"needs_review below confidence {threshold:.3f} ("
+    say(f"needs_review below confidence {threshold:.3f} ("
           + ("--confidence-threshold" if config.confidence_threshold is not None else
              "the checkpoint's review threshold" if "review_threshold" in checkpoint else
-             "default") + ")", flush=True)
+             "default") + ")")
     return threshold
 
 
@@ -226,7 +270,7 @@ def _files_to_score(config: ScoreConfig, model_id: str) -> tuple[list[dict], int
 
 
 def _scored(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri: str,
-            threshold: float, run_id: str) -> ray.data.Dataset:
+            threshold: float, run_id: str, events: Events) -> ray.data.Dataset:
     """The lazy pipeline: read + preprocess tasks, the scoring actors, review overlays (with
     --explain-review-dir), and rows in the published schema."""
     options = config.storage
@@ -237,13 +281,14 @@ def _scored(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri:
                          "options": options, "preset": InferencePreset.of(checkpoint),
                          "limits": SourceLimits(
                              max_image_pixels=checkpoint["preprocess"]["max_image_pixels"]),
-                         "max_file_bytes": config.max_file_bytes})
+                         "max_file_bytes": config.max_file_bytes, "events": events})
         .map_batches(Scorer, batch_size=config.batch_size,
                      fn_constructor_kwargs={
                          "model_uri": model_uri, "options": options, "use_gpu": config.use_gpu,
                          "threshold": threshold, "threads": _actor_threads(config),
                          "ood_check": config.ood_check,
-                         "keep_images": config.explain_review_dir is not None},
+                         "keep_images": config.explain_review_dir is not None,
+                         "events": events},
                      compute=ray.data.ActorPoolStrategy(size=config.concurrency),
                      num_gpus=config.num_gpus_per_actor if config.use_gpu else 0,
                      **_scorer_remote_args(config)))
@@ -278,7 +323,7 @@ def _write_staged(scored: ray.data.Dataset, staging: str, config: ScoreConfig) -
 
 
 def run_scoring(config: ScoreConfig) -> dict:
-    print("brainray score\n" + storage.redacted_json(config), flush=True)
+    say("brainray score\n" + storage.redacted_json(config))
     options = config.storage
     storage.ensure_writable(config.output, options)
     model_uri = locate_checkpoint(config.model, options)
@@ -286,19 +331,24 @@ def run_scoring(config: ScoreConfig) -> dict:
     model_id = checkpoint["model_id"]
     threshold = _review_threshold(config, checkpoint)
     for line in publish.recover(config.output, options):
-        print(line, flush=True)
+        say(line)
     _check_output_classes(config.output, checkpoint["classes"], options)
     files, skipped = _files_to_score(config, model_id)
-    print(f"{len(files)} file(s) to score with model {checkpoint['model_name']} ({model_id}); "
-          f"{skipped} already scored by this model", flush=True)
+    say(f"{len(files)} file(s) to score with model {checkpoint['model_name']} ({model_id}); "
+          f"{skipped} already scored by this model")
     if not files:
         return {"images": 0, "files": 0, "skipped_files": skipped, "model_id": model_id}
 
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     staging = publish.staging_uri(config.output, run_id)
     started = time.perf_counter()
-    _write_staged(_scored(config, files, checkpoint, model_uri, threshold, run_id), staging,
-                  config)
+    events = Events()
+    try:
+        with EventPump(events, ScoringProgress(len(files))):
+            _write_staged(_scored(config, files, checkpoint, model_uri, threshold, run_id,
+                                  events), staging, config)
+    finally:
+        events.shutdown()
     wall_s = time.perf_counter() - started
     summary = {**publish.summarize(staging, options, threshold), "files": len(files),
                "skipped_files": skipped, "model_id": model_id, "run_id": run_id,
@@ -306,17 +356,17 @@ def run_scoring(config: ScoreConfig) -> dict:
     summary["images_per_s"] = summary["images"] / max(wall_s, 1e-9)
     publish.mark_ready(config.output, run_id, summary, options)
     for warning in publish.commit(config.output, run_id, options):
-        print(warning, flush=True)
+        say(warning)
     _print_summary(summary, config.output)
     return summary
 
 
 def _print_summary(summary: dict, output: str) -> None:
-    print(f"scored {summary['images']} image(s) from {summary['files']} file(s) in "
+    say(f"scored {summary['images']} image(s) from {summary['files']} file(s) in "
           f"{summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s): "
           f"{summary['ok']} ok, {summary['errors']} error(s), {summary['needs_review']} to "
           f"review (confidence below {summary['confidence_threshold']:.3f} or out of "
-          f"distribution: {summary['out_of_distribution']})", flush=True)
-    print(f"predicted: {summary['predicted']}", flush=True)
-    print(f"committed run {summary['run_id']} to "
-          f"{storage.redact(posixpath.join(output, publish.SCORES_DIR))}", flush=True)
+          f"distribution: {summary['out_of_distribution']})")
+    say(f"predicted: {summary['predicted']}")
+    say(f"committed run {summary['run_id']} to "
+          f"{storage.redact(posixpath.join(output, publish.SCORES_DIR))}")

@@ -29,6 +29,7 @@ from brainray.config import (
     TrainConfig,
     to_dict,
 )
+from brainray.console import say
 from brainray.train import run_training
 
 EXPERIMENT = "tune"
@@ -116,7 +117,7 @@ def _tuner(config: SearchConfig) -> tune.Tuner:
                                     tune.PlacementGroupFactory([{"memory": 1}]))
     experiment = f"{path.rstrip('/')}/{EXPERIMENT}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        print(f"restoring the search in {storage.redact(config.output)}", flush=True)
+        say(f"restoring the search in {storage.redact(config.output)}")
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True, storage_filesystem=fs)
     # ASHA stops every trial that reaches max_t; one past the last epoch lets a surviving trial
@@ -180,15 +181,15 @@ def _plain(value):
 
 def _print_summary(table: pd.DataFrame, best: dict | None) -> None:
     shown = table.drop(columns=["run_dir"]).to_string(index=False, float_format="%.4f")
-    print(f"search: {len(table)} trials, {int((table['status'] == 'completed').sum())} "
-          f"completed\n{shown}", flush=True)
+    say(f"search: {len(table)} trials, {int((table['status'] == 'completed').sum())} "
+          f"completed\n{shown}")
     if best is not None:
-        print(f"best trial {best['trial_id']} (val loss {best['best_val_loss']:.4f}, test "
-              f"accuracy {best['test_accuracy']:.4f}): {best['run_dir']}", flush=True)
+        say(f"best trial {best['trial_id']} (val loss {best['best_val_loss']:.4f}, test "
+              f"accuracy {best['test_accuracy']:.4f}): {best['run_dir']}")
 
 
 def run_search(config: SearchConfig) -> pd.DataFrame:
-    print("brainray tune\n" + storage.redacted_json(config), flush=True)
+    say("brainray tune\n" + storage.redacted_json(config))
     storage.ensure_writable(config.output, config.storage)
     load_space(config)  # a bad space fails before any trial starts
     grid = _tuner(config).fit()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,7 @@ from brainray.config import (
     TrainConfig,
     to_dict,
 )
+from brainray.console import EventPump, Events, console, say
 from brainray.data import (
     LabeledData,
     assign_splits,
@@ -54,6 +56,7 @@ from brainray.model import count_parameters
 from brainray.model_card import render_model_card
 from brainray.predict import predict_labeled
 from brainray.report import compute_metrics, predictions_table, skipped_files, write_report
+from brainray.tracking import RunTracker
 from brainray.train_loop import train_loop_per_worker
 
 # Changing these on a relaunch would silently train a different experiment under the same name.
@@ -75,7 +78,7 @@ def _check_resume(config: TrainConfig) -> None:
     if changed:
         raise ValueError(f"{storage.redact(config.run_dir)} holds a run with different "
                          f"{', '.join(changed)}; use a new --run-dir or the same settings")
-    print(f"resuming the run in {storage.redact(config.run_dir)}", flush=True)
+    say(f"resuming the run in {storage.redact(config.run_dir)}")
 
 
 def _run_config(config: TrainConfig, callbacks: list | None = None) -> ray.train.RunConfig:
@@ -90,9 +93,10 @@ def _run_config(config: TrainConfig, callbacks: list | None = None) -> ray.train
 
 
 def _loop_config(config: TrainConfig, n_train: int, initial_weights=None,
-                 initial_weights_source: dict | None = None) -> dict:
+                 initial_weights_source: dict | None = None, events: Events | None = None
+                 ) -> dict:
     """The workers' view of the run: the config's fields plus what the driver resolved."""
-    return {**to_dict(config), "config": to_dict(config), "n_train": n_train,
+    return {**to_dict(config), "config": to_dict(config), "n_train": n_train, "events": events,
             "architecture": config.architecture, "initial_weights": initial_weights,
             "initial_weights_source": initial_weights_source}
 
@@ -118,12 +122,11 @@ def _split_summary(index: pd.DataFrame, classes: list[str]) -> dict:
 
 
 def _print_split(summary: dict) -> None:
-    print(f"split: {summary['n_images']} images in {summary['n_groups']} groups; "
+    say(f"split: {summary['n_images']} images in {summary['n_groups']} groups; "
           f"{summary['n_duplicate_groups']} duplicate groups hold "
-          f"{summary['n_images_in_duplicate_groups']} images and are kept within one split",
-          flush=True)
+          f"{summary['n_images_in_duplicate_groups']} images and are kept within one split")
     for name, counts in summary["counts"].items():
-        print(f"  {name:>22}: {sum(counts.values()):5d}  {counts}", flush=True)
+        say(f"  {name:>22}: {sum(counts.values()):5d}  {counts}")
 
 
 def _baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
@@ -182,20 +185,19 @@ def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.Data
         storage.write_bytes(storage.join(config.run_dir, COVERAGE_PNG), result.coverage_png,
                             options)
         cal, abst = result.report["calibration"], result.report["abstention"]
-        print(f"calibration: temperature {cal['temperature']:.3f}; test ECE "
+        say(f"calibration: temperature {cal['temperature']:.3f}; test ECE "
               f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} "
               f"-> {cal['nll_after']:.4f}; review threshold {abst['threshold']:.3f} (target "
-              f"accuracy {abst['target_accuracy']}: test coverage {abst['test_coverage']:.1%})",
-              flush=True)
+              f"accuracy {abst['target_accuracy']}: test coverage {abst['test_coverage']:.1%})")
     except Exception as exc:
         report["calibration"] = {"error": f"{type(exc).__name__}: {exc}"}
-        print(f"warning: calibration failed, the model stays uncalibrated: {exc}", flush=True)
+        say(f"warning: calibration failed, the model stays uncalibrated: {exc}")
     try:
         fields["ood_reference"] = ood.reference_from_dataset(
             splits["train"])
         report["ood_reference"] = fields["ood_reference"]
     except Exception as exc:
-        print(f"warning: no OOD reference from the training images: {exc}", flush=True)
+        say(f"warning: no OOD reference from the training images: {exc}")
     if fields:
         checkpoint = with_fields(checkpoint, **fields)
         save_checkpoint(model_uri, checkpoint, options)
@@ -210,17 +212,16 @@ def _initial_weights(config: TrainConfig) -> tuple[object | None, dict | None]:
         return None, None
     state_dict, provenance = backbones.initial_weights(
         config.weights, config.model, lambda uri: storage.read_bytes(uri, config.storage))
-    print(f"initial weights: {provenance['source']} (sha256 {provenance['sha256'][:16]}...)",
-          flush=True)
+    say(f"initial weights: {provenance['source']} (sha256 {provenance['sha256'][:16]}...)")
     return ray.put(state_dict), provenance
 
 
 def _start(config: TrainConfig) -> None:
     """Print and save the resolved config; refuse a relaunch that changes the experiment."""
     overrides = config.recipe_overrides()
-    print(f"brainray train: recipe {config.recipe}"
+    say(f"brainray train: recipe {config.recipe}"
           + (f", overridden: {overrides}" if overrides else "") + "\n"
-          + storage.redacted_json(config), flush=True)
+          + storage.redacted_json(config))
     storage.ensure_writable(config.run_dir, config.storage)
     _check_resume(config)
     storage.write_text(storage.join(config.run_dir, CONFIG_FILE), storage.redacted_json(config),
@@ -237,12 +238,40 @@ def _split_paths(index: pd.DataFrame, has_held_out: bool) -> dict[str, pd.Series
     return paths
 
 
+def epoch_line(metrics: dict, epochs: int, eta_s: float) -> str:
+    return (f"epoch {metrics['epoch']}/{epochs}  "
+            f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}  |  "
+            f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}  |  "
+            f"{metrics['images_per_s']:.1f} img/s (waiting for data "
+            f"{metrics['input_wait_fraction']:.0%})  lr {metrics['lr']:.2e}  "
+            f"ETA {eta_s / 60:.1f} min (at most)")
+
+
+def _training_events(config: TrainConfig, n_train: int, tracker: RunTracker):
+    """What the driver does with rank 0's events: lines, a bar per epoch on a terminal, and
+    each epoch's line and tracking."""
+    out = console()
+
+    def handle(kind: str, payload) -> None:
+        if kind == "line":
+            out.line(payload)
+        elif kind == "progress":
+            out.progress(payload["images"], n_train, f"epoch {payload['epoch']}/{config.epochs}",
+                         f"loss {payload['loss']:.4f}, {payload['images_per_s']:.0f} img/s")
+        elif kind == "epoch":
+            out.close_bar()
+            out.line(epoch_line(payload["metrics"], payload["epochs"], payload["eta_s"]))
+            tracker.epoch(payload["metrics"])
+    return handle
+
+
 def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights,
-         callbacks: list | None) -> tuple:
-    """Run the TorchTrainer; the result and its wall time in seconds."""
+         callbacks: list | None, tracker: RunTracker) -> tuple:
+    """Run the TorchTrainer, showing its progress; the result and its wall time in seconds."""
+    events = Events()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=_loop_config(config, n_train, *initial_weights),
+        train_loop_config=_loop_config(config, n_train, *initial_weights, events=events),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker}),
@@ -250,7 +279,11 @@ def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights,
         datasets={"train": splits["train"], "val": splits["val"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        with EventPump(events, _training_events(config, n_train, tracker)):
+            result = trainer.fit()
+    finally:
+        events.shutdown()
     return result, time.perf_counter() - started
 
 
@@ -280,44 +313,71 @@ def _near_duplicates(train_index: pd.DataFrame, test_index: pd.DataFrame) -> dic
     return baseline.leakage_summary(similarity)
 
 
-def run_training(config: TrainConfig, callbacks: list | None = None) -> dict:
-    """`brainray train`; `callbacks` (Ray Train user callbacks) see every epoch's report, as
-    Ray Tune's does when a search runs this as a trial."""
-    _start(config)
-    initial_weights = _initial_weights(config)
-    classes = list(config.classes)
+@dataclass
+class PreparedData:
+    """The run's data after decoding and splitting: what training and the report need."""
+
+    labeled: LabeledData  # the index only, once split
+    held_out: LabeledData | None
+    index: pd.DataFrame
+    split_summary: dict
+    paths: dict[str, pd.Series]
+    splits: dict[str, ray.data.Dataset]
+
+
+def _prepare_data(config: TrainConfig) -> PreparedData:
+    """Decode, fingerprint and split the data; write split.parquet; materialize the splits."""
     labeled, held_out, index = prepare_splits(config)
-    split_summary = _split_summary(index, classes)
+    split_summary = _split_summary(index, list(config.classes))
     _print_split(split_summary)
     storage.write_bytes(storage.join(config.run_dir, SPLIT_FILE), index[
         [COL_PATH, COL_LABEL, COL_SHA256, COL_GROUP, COL_SPLIT]].to_parquet(index=False),
         config.storage)
     paths = _split_paths(index, held_out is not None)
     splits = materialize_splits(labeled.dataset, paths, config.seed)
-    labeled = LabeledData(dataset=None, index=labeled.index)  # frees the unsplit copy
+    return PreparedData(LabeledData(dataset=None, index=labeled.index),  # frees the unsplit copy
+                        held_out, index, split_summary, paths, splits)
 
-    result, wall_s = _fit(config, splits, len(paths["train"]), initial_weights, callbacks)
+
+def _test_report(config: TrainConfig, data: PreparedData, result, wall_s: float) -> dict:
+    """The best model on the test split, calibrated, beside the baseline; the run's report."""
+    classes = list(config.classes)
     checkpoint, loop_state = _best_model(result, config)
-    test_source, test_paths, test_index = _test_set(config, held_out, index, splits)
+    test_source, test_paths, test_index = _test_set(config, data.held_out, data.index,
+                                                    data.splits)
     predictions = predict_labeled(test_source, test_paths,
                                   storage.join(config.run_dir, MODEL_FILE), config.storage,
                                   use_gpu=config.use_gpu)
-    predictions, checkpoint, trust_report = _calibrate_and_guard(config, splits, predictions,
-                                                                 checkpoint)
-    train_index = index[index[COL_SPLIT] == "train"]
+    predictions, checkpoint, trust_report = _calibrate_and_guard(config, data.splits,
+                                                                 predictions, checkpoint)
+    train_index = data.index[data.index[COL_SPLIT] == "train"]
     report = _report(config, checkpoint, loop_state, wall_s, {
         **compute_metrics(predictions, classes),
         "baseline_1nn": _baseline_metrics(train_index, test_index, classes),
         "near_duplicates": _near_duplicates(train_index, test_index),
         "without_tta": _without_tta(config, test_source, test_paths, classes),
-        "split": split_summary,
-        "skipped_files": skipped_files(labeled.index) + (
-            skipped_files(held_out.index) if held_out is not None else []),
+        "split": data.split_summary,
+        "skipped_files": skipped_files(data.labeled.index) + (
+            skipped_files(data.held_out.index) if data.held_out is not None else []),
         **trust_report})
     write_report(config.run_dir, report, config.storage, predictions_table(predictions, classes),
                  report["history"])
     storage.write_text(storage.join(config.run_dir, MODEL_CARD_FILE), render_model_card(report),
                        config.storage)
+    return report
+
+
+def run_training(config: TrainConfig, callbacks: list | None = None) -> dict:
+    """`brainray train`; `callbacks` (Ray Train user callbacks) see every epoch's report, as
+    Ray Tune's does when a search runs this as a trial."""
+    _start(config)
+    initial_weights = _initial_weights(config)
+    data = _prepare_data(config)
+    with RunTracker(config) as tracker:
+        result, wall_s = _fit(config, data.splits, len(data.paths["train"]), initial_weights,
+                              callbacks, tracker)
+        report = _test_report(config, data, result, wall_s)
+        tracker.finish(report)
     _print_summary(report, config)
     return report
 
@@ -345,17 +405,16 @@ def _report(config: TrainConfig, checkpoint: dict, loop_state: dict, wall_s: flo
 
 def _print_summary(report: dict, config: TrainConfig) -> None:
     nn_baseline, leakage = report["baseline_1nn"], report["near_duplicates"]
-    print(f"test set ({report['n_images']} images, best epoch {report['best_epoch']}):\n"
-          + metric_fns.format_summary(report), flush=True)
+    say(f"test set ({report['n_images']} images, best epoch {report['best_epoch']}):\n"
+          + metric_fns.format_summary(report))
     if report["without_tta"]:
-        print(f"without test-time augmentation: accuracy {report['without_tta']['accuracy']:.4f}",
-              flush=True)
-    print(f"trivial baseline (1-NN on thumbnails, same split): accuracy "
+        say(f"without test-time augmentation: accuracy {report['without_tta']['accuracy']:.4f}")
+    say(f"trivial baseline (1-NN on thumbnails, same split): accuracy "
           f"{nn_baseline['accuracy']:.4f}, macro F1 {nn_baseline['macro_f1']:.4f}; test images "
           f"whose nearest training thumbnail is > 0.95 / > 0.99 similar: "
-          f"{leakage['share_above_0.95']:.1%} / {leakage['share_above_0.99']:.1%}", flush=True)
+          f"{leakage['share_above_0.95']:.1%} / {leakage['share_above_0.99']:.1%}")
     if report["skipped_files"]:
-        print(f"skipped {len(report['skipped_files'])} unreadable file(s), listed in metrics.json:")
+        say(f"skipped {len(report['skipped_files'])} unreadable file(s), listed in metrics.json:")
         for item in report["skipped_files"][:10]:
-            print(f"  {item['path']}: {item['error']}")
-    print(f"run written to {storage.redact(config.run_dir)}", flush=True)
+            say(f"  {item['path']}: {item['error']}")
+    say(f"run written to {storage.redact(config.run_dir)}")

@@ -30,7 +30,7 @@ from brainray.precision import autocast_for, prepare
 from brainray.presets import TrainPreset
 from brainray.transforms import augmentation_generator, to_model_input
 
-PROGRESS_INTERVAL_S = 30.0
+PROGRESS_INTERVAL_S = 1.0  # a progress event to the driver (a bar's update on a terminal)
 
 
 @dataclass
@@ -54,12 +54,25 @@ def update_early_stopping(state: LoopState, val_loss: float, epoch: int, patienc
     return state.epochs_since_best >= patience
 
 
-def print0(message: str) -> None:
-    """Print once, from rank 0. Bypasses Ray Train's patched `print`, which echoes every line
-    twice (to its logger and to the captured stdout) on the driver."""
-    if ray.train.get_context().get_world_rank() == 0:
-        sys.stdout.write(message + "\n")
+# The driver's event queue (brainray.console.Events) for this worker process; None when the loop
+# runs without one (then rank 0 prints).
+_EVENTS = None
+
+
+def send0(kind: str, payload) -> None:
+    """Tell the driver, once, from rank 0 (brainray.console renders it)."""
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    if _EVENTS is not None:
+        _EVENTS.send(kind, payload)
+    elif kind == "line":
+        # Bypasses Ray Train's patched `print`, which echoes every line twice on the driver.
+        sys.stdout.write(payload + "\n")
         sys.stdout.flush()
+
+
+def print0(message: str) -> None:
+    send0("line", message)
 
 
 # One-cycle (Smith & Topor, 2017, as torch's OneCycleLR): up from lr / 25 over the first 25% of
@@ -158,10 +171,11 @@ class EpochMeter:
 
     def __init__(self, device: torch.device, epoch: int):
         self.epoch = epoch
+        self.world = ray.train.get_context().get_world_size()  # for the whole-run estimate
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.device, self.seen, self.input_wait = device, 0, 0.0
-        self.started = self.last_print = time.perf_counter()
+        self.started = self.last_sent = time.perf_counter()
 
     def timed(self, batches):
         """Yield from `batches`, adding the time each one took to arrive to the input wait."""
@@ -179,11 +193,11 @@ class EpochMeter:
         self.correct += (logits.argmax(1) == y).sum()
         self.seen += len(y)
         now = time.perf_counter()
-        if now - self.last_print > PROGRESS_INTERVAL_S:
-            print0(f"  epoch {self.epoch + 1}: {self.seen} images, loss "
-                   f"{self.loss_sum.item() / self.seen:.4f}, "
-                   f"{self.seen / (now - self.started):.1f} img/s on this worker")
-            self.last_print = now
+        if now - self.last_sent > PROGRESS_INTERVAL_S:
+            send0("progress", {"epoch": self.epoch + 1, "images": self.seen * self.world,
+                               "loss": self.loss_sum.item() / self.seen,
+                               "images_per_s": self.seen * self.world / (now - self.started)})
+            self.last_sent = now
 
     def summary(self) -> dict:
         """The epoch's figures over all workers."""
@@ -337,15 +351,6 @@ def _report(trainable: Trainable, loop: dict, state: LoopState, metrics: dict) -
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _format_epoch(metrics: dict, epochs: int, eta_s: float) -> str:
-    return (f"epoch {metrics['epoch']}/{epochs}  "
-            f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}  |  "
-            f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}  |  "
-            f"{metrics['images_per_s']:.1f} img/s (waiting for data "
-            f"{metrics['input_wait_fraction']:.0%})  lr {metrics['lr']:.2e}  "
-            f"ETA {eta_s / 60:.1f} min (at most)")
-
-
 def _thread_count(loop: dict) -> int:
     """Explicit --torch-threads, else this node's cores split among the workers placed on it.
 
@@ -387,6 +392,8 @@ def _build(loop: dict, device: torch.device) -> Trainable:
 
 def train_loop_per_worker(loop: dict) -> None:
     """Build model and optimizer, resume if a checkpoint exists, train epochs, early-stop."""
+    global _EVENTS
+    _EVENTS = loop.get("events")
     torch.set_num_threads(_thread_count(loop))
     device = ray.train.torch.get_device()
     world = ray.train.get_context().get_world_size()
@@ -419,7 +426,7 @@ def train_loop_per_worker(loop: dict) -> None:
         state.next_epoch = epoch + 1
         epoch_seconds.append(metrics["epoch_seconds"])
         eta = sum(epoch_seconds) / len(epoch_seconds) * (loop["epochs"] - epoch - 1)
-        print0(_format_epoch(metrics, loop["epochs"], eta))
+        send0("epoch", {"metrics": metrics, "epochs": loop["epochs"], "eta_s": eta})
         _report(trainable, loop, state, metrics)
         if stop:
             print0(f"early stopping: no val-loss improvement for {loop['patience']} epochs; "

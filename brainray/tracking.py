@@ -1,0 +1,160 @@
+"""Experiment tracking of a training run: TensorBoard event files always, MLflow when asked.
+
+The driver receives each epoch's metrics from rank 0 (brainray.console events), so only one
+process ever logs. TensorBoard events go to <run>/tensorboard/ (written locally and copied there
+after every epoch when the run directory is on S3), so `tensorboard --logdir runs/` works as is.
+With --mlflow-tracking-uri (or MLFLOW_TRACKING_URI) the same run goes to MLflow: the resolved
+config as params, per-epoch metrics, the final test metrics, the run's files as artifacts, and
+optionally a registered model version tagged with the test metrics. The MLflow run id is kept in
+the run directory, so a resumed run continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from torch.utils.tensorboard import SummaryWriter
+
+from brainray import storage
+from brainray.checkpoint import (
+    ACCURACY_PNG,
+    CONFUSION_PNG,
+    COVERAGE_PNG,
+    LOSS_PNG,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    MODEL_FILE,
+    RELIABILITY_PNG,
+)
+from brainray.config import TrainConfig, to_dict
+from brainray.console import say
+
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RUN_FILE = "mlflow_run.json"
+# Per-epoch scalars: (metrics.json history key, TensorBoard tag).
+EPOCH_SCALARS = (("train_loss", "loss/train"), ("val_loss", "loss/val"),
+                 ("train_accuracy", "accuracy/train"), ("val_accuracy", "accuracy/val"),
+                 ("lr", "lr"), ("images_per_s", "images_per_s"))
+FINAL_METRICS = ("accuracy", "macro_f1", "loss", "ece", "roc_auc")
+ARTIFACTS = (MODEL_FILE, METRICS_FILE, MODEL_CARD_FILE, CONFUSION_PNG, ACCURACY_PNG, LOSS_PNG,
+             RELIABILITY_PNG, COVERAGE_PNG)
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
+    else:
+        out[prefix] = str(value)[:500]  # MLflow's limit on a param value
+    return out
+
+
+class RunTracker:
+    """TensorBoard (and MLflow) logging of one training run, on the driver."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.options = config.storage
+        self.local_run = storage.is_local(config.run_dir)
+        tb_dir = (storage.join(config.run_dir, TENSORBOARD_DIR) if self.local_run
+                  else tempfile.mkdtemp(prefix="brainray-tb-"))
+        self.tb_dir = tb_dir
+        self.writer = SummaryWriter(log_dir=tb_dir)
+        self.mlflow = None
+        if config.mlflow_tracking_uri:
+            self.mlflow = _MlflowRun(config)
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A run that failed ends its MLflow run as FAILED; the event file is closed either way."""
+        self.writer.close()
+        if exc_type is not None and self.mlflow is not None:
+            self.mlflow.end(status="FAILED")
+
+    def epoch(self, metrics: dict) -> None:
+        step = int(metrics["epoch"])
+        for key, tag in EPOCH_SCALARS:
+            if key in metrics:
+                self.writer.add_scalar(tag, float(metrics[key]), step)
+        self.writer.flush()
+        if not self.local_run:
+            self._upload_tensorboard()
+        if self.mlflow is not None:
+            self.mlflow.log_epoch(metrics, step)
+
+    def finish(self, report: dict) -> None:
+        """The final figures and files; a tracking failure here never fails the finished run."""
+        self.writer.close()
+        try:
+            if not self.local_run:
+                self._upload_tensorboard()
+            if self.mlflow is not None:
+                self.mlflow.finish(report)
+        except Exception as exc:
+            say(f"warning: experiment tracking failed at the end of the run: {exc}")
+
+    def _upload_tensorboard(self) -> None:
+        for name in os.listdir(self.tb_dir):
+            with open(os.path.join(self.tb_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(self.config.run_dir, TENSORBOARD_DIR, name),
+                                    f.read(), self.options)
+
+
+class _MlflowRun:
+    """The MLflow side: one MLflow run per brainray run directory, resumed with it."""
+
+    def __init__(self, config: TrainConfig):
+        try:
+            import mlflow
+        except ImportError as exc:
+            raise RuntimeError("--mlflow-tracking-uri needs MLflow: pip install "
+                               "'brainray[mlflow]'") from exc
+        self.mlflow, self.config = mlflow, config
+        mlflow.set_tracking_uri(config.mlflow_tracking_uri)
+        experiment = mlflow.set_experiment(config.mlflow_experiment)
+        record_uri = storage.join(config.run_dir, MLFLOW_RUN_FILE)
+        previous = (storage.read_json(record_uri, config.storage)
+                    if storage.exists(record_uri, config.storage) else None)
+        run = mlflow.start_run(run_id=previous["run_id"] if previous else None,
+                               experiment_id=None if previous else experiment.experiment_id)
+        self.run_id = run.info.run_id
+        if previous is None:
+            mlflow.log_params(_flatten("", storage.redact_values(to_dict(config)), {}))
+            storage.write_json(record_uri, {"run_id": self.run_id,
+                                            "experiment_id": experiment.experiment_id},
+                               config.storage)
+
+    def log_epoch(self, metrics: dict, step: int) -> None:
+        self.mlflow.log_metrics({key: float(metrics[key]) for key, _ in EPOCH_SCALARS
+                                 if key in metrics}, step=step)
+
+    def finish(self, report: dict) -> None:
+        final = {f"test_{k}": float(report[k]) for k in FINAL_METRICS
+                 if isinstance(report.get(k), int | float)}
+        final["baseline_1nn_accuracy"] = float(report["baseline_1nn"]["accuracy"])
+        self.mlflow.log_metrics(final)
+        with tempfile.TemporaryDirectory() as directory:
+            for name in ARTIFACTS:
+                uri = storage.join(self.config.run_dir, name)
+                if storage.exists(uri, self.config.storage):
+                    with open(os.path.join(directory, name), "wb") as f:
+                        f.write(storage.read_bytes(uri, self.config.storage))
+            self.mlflow.log_artifacts(directory)
+        if self.config.mlflow_registered_model:
+            self._register(final)
+        self.end(status="FINISHED")
+
+    def end(self, status: str) -> None:
+        self.mlflow.end_run(status=status)
+
+    def _register(self, tags: dict) -> None:
+        client = self.mlflow.MlflowClient()
+        name = self.config.mlflow_registered_model
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(name)
+        source = f"{self.mlflow.get_artifact_uri()}/{MODEL_FILE}"
+        client.create_model_version(name, source=source, run_id=self.run_id,
+                                    tags={k: f"{v:.6g}" for k, v in tags.items()})
