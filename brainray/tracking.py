@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -104,57 +105,67 @@ class RunTracker:
 
 
 class _MlflowRun:
-    """The MLflow side: one MLflow run per brainray run directory, resumed with it."""
+    """The MLflow side: one MLflow run per brainray run directory, resumed with it.
+
+    Everything goes through an `MlflowClient` with the run id: the fluent API's active run is
+    per thread, and epochs are logged from the driver's event thread.
+    """
 
     def __init__(self, config: TrainConfig):
         try:
             import mlflow
+            from mlflow.entities import Metric, Param
         except ImportError as exc:
             raise RuntimeError("--mlflow-tracking-uri needs MLflow: pip install "
                                "'brainray[mlflow]'") from exc
-        self.mlflow, self.config = mlflow, config
-        mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-        experiment = mlflow.set_experiment(config.mlflow_experiment)
+        self.config, self.Metric = config, Metric
+        self.client = mlflow.MlflowClient(tracking_uri=config.mlflow_tracking_uri)
         record_uri = storage.join(config.run_dir, MLFLOW_RUN_FILE)
-        previous = (storage.read_json(record_uri, config.storage)
-                    if storage.exists(record_uri, config.storage) else None)
-        run = mlflow.start_run(run_id=previous["run_id"] if previous else None,
-                               experiment_id=None if previous else experiment.experiment_id)
-        self.run_id = run.info.run_id
-        if previous is None:
-            mlflow.log_params(_flatten("", storage.redact_values(to_dict(config)), {}))
-            storage.write_json(record_uri, {"run_id": self.run_id,
-                                            "experiment_id": experiment.experiment_id},
-                               config.storage)
+        if storage.exists(record_uri, config.storage):
+            self.run_id = storage.read_json(record_uri, config.storage)["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        experiment = self.client.get_experiment_by_name(config.mlflow_experiment)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self.client.create_experiment(config.mlflow_experiment))
+        self.run_id = self.client.create_run(experiment_id).info.run_id
+        params = _flatten("", storage.redact_values(to_dict(config)), {})
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+        storage.write_json(record_uri, {"run_id": self.run_id, "experiment_id": experiment_id},
+                           config.storage)
+
+    def _log_metrics(self, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            self.Metric(key, float(value), now, step) for key, value in values.items()])
 
     def log_epoch(self, metrics: dict, step: int) -> None:
-        self.mlflow.log_metrics({key: float(metrics[key]) for key, _ in EPOCH_SCALARS
-                                 if key in metrics}, step=step)
+        self._log_metrics({key: metrics[key] for key, _ in EPOCH_SCALARS if key in metrics},
+                          step)
 
     def finish(self, report: dict) -> None:
         final = {f"test_{k}": float(report[k]) for k in FINAL_METRICS
                  if isinstance(report.get(k), int | float)}
         final["baseline_1nn_accuracy"] = float(report["baseline_1nn"]["accuracy"])
-        self.mlflow.log_metrics(final)
+        self._log_metrics(final, step=0)
         with tempfile.TemporaryDirectory() as directory:
             for name in ARTIFACTS:
                 uri = storage.join(self.config.run_dir, name)
                 if storage.exists(uri, self.config.storage):
                     with open(os.path.join(directory, name), "wb") as f:
                         f.write(storage.read_bytes(uri, self.config.storage))
-            self.mlflow.log_artifacts(directory)
+            self.client.log_artifacts(self.run_id, directory)
         if self.config.mlflow_registered_model:
             self._register(final)
         self.end(status="FINISHED")
 
     def end(self, status: str) -> None:
-        self.mlflow.end_run(status=status)
+        self.client.set_terminated(self.run_id, status=status)
 
     def _register(self, tags: dict) -> None:
-        client = self.mlflow.MlflowClient()
         name = self.config.mlflow_registered_model
-        if not client.search_registered_models(filter_string=f"name = '{name}'"):
-            client.create_registered_model(name)
-        source = f"{self.mlflow.get_artifact_uri()}/{MODEL_FILE}"
-        client.create_model_version(name, source=source, run_id=self.run_id,
-                                    tags={k: f"{v:.6g}" for k, v in tags.items()})
+        if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
+            self.client.create_registered_model(name)
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{MODEL_FILE}"
+        self.client.create_model_version(name, source=source, run_id=self.run_id,
+                                         tags={k: f"{v:.6g}" for k, v in tags.items()})

@@ -30,8 +30,8 @@ def mlflow_store(tmp_path, monkeypatch):
     """A sqlite MLflow store, with artifacts under tmp_path (its default root is ./mlruns)."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    yield uri
-    mlflow.end_run()
+    mlflow.set_tracking_uri(uri)  # for the test's own reads (search_runs)
+    return uri
 
 
 def _config(tmp_path, **fields) -> TrainConfig:
@@ -86,7 +86,6 @@ def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path, mlflow_store):
     with RunTracker(config) as tracker:  # the first launch, stopped after epoch 1
         tracker.epoch(_epoch(1))
     first = json.loads((tmp_path / "run" / MLFLOW_RUN_FILE).read_text())["run_id"]
-    mlflow.end_run()
     with RunTracker(config) as tracker:  # the relaunch
         tracker.epoch(_epoch(2))
         tracker.finish(_report())
@@ -119,3 +118,17 @@ def test_the_model_is_registered_with_the_test_metrics_as_tags(tmp_path, mlflow_
 def test_registering_needs_a_tracking_uri():
     with pytest.raises(ValueError, match="--mlflow-register-model needs --mlflow-tracking-uri"):
         TrainConfig(data="d", run_dir="r", mlflow_registered_model="m")
+
+
+def test_epochs_logged_from_another_thread_land_in_the_same_run(tmp_path, mlflow_store):
+    # The driver logs epochs from its event thread, where MLflow's fluent API has no active run
+    import threading
+
+    config = _config(tmp_path, mlflow_tracking_uri=mlflow_store)
+    with RunTracker(config) as tracker:
+        worker = threading.Thread(target=tracker.epoch, args=(_epoch(1),))
+        worker.start()
+        worker.join()
+        tracker.finish(_report())
+    runs = mlflow.search_runs(experiment_names=["brainray"], output_format="list")
+    assert len(runs) == 1 and "val_loss" in runs[0].data.metrics

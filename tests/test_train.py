@@ -252,3 +252,36 @@ def test_an_ema_run_resumes_from_its_raw_weights(ray_cluster, tmp_path, capfd):
     assert "resuming from the checkpoint of epoch 1" in capfd.readouterr().out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+
+
+def test_each_epoch_reaches_mlflow_and_tensorboard_and_a_relaunch_continues(
+        ray_cluster, tmp_path, monkeypatch):
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Given a tiny dataset and a sqlite MLflow store
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=6))
+    run_dir = tmp_path / "runs" / "tracked"
+    flags = ["train", "--data", str(data), "--run-dir", str(run_dir), "--mlflow-tracking-uri",
+             store, "--mlflow-experiment", "brainray-ci", *FAST]
+
+    # When a run stops after one epoch and is relaunched for a second
+    assert run([*flags, "--epochs", "1"]) == 0
+    assert run([*flags, "--epochs", "2"]) == 0
+
+    # Then one MLflow run holds both epochs and the final test accuracy of metrics.json
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (tracked,) = mlflow.search_runs(experiment_names=["brainray-ci"], output_format="list")
+    client = mlflow.MlflowClient(store)
+    history = client.get_metric_history(tracked.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == pytest.approx([h["val_loss"]
+                                                        for h in metrics["history"]])
+    assert client.get_run(tracked.info.run_id).data.metrics["test_accuracy"] == pytest.approx(
+        metrics["accuracy"])
+    # and TensorBoard's reader finds the same epochs in the run directory
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert sorted({e.step for e in events.Scalars("loss/val")}) == [1, 2]
