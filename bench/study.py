@@ -48,6 +48,15 @@ ROWS: dict[str, tuple[str, ...]] = {
     "resnet18_128_e30_tricks": ("--model", "resnet18", "--image-size", "128", "--augment",
                                 "light", "--lr", "1e-3", "--epochs", "30", "--patience", "30",
                                 *TRICKS),
+    "bn128_e45_strict099": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light",
+                            "--lr", "2e-3", "--epochs", "45", "--patience", "45",
+                            "--dedup-min-similarity", "0.99"),
+    "bn128_e45_onecycle": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light",
+                           "--lr", "3e-3", "--epochs", "45", "--patience", "45",
+                           "--lr-schedule", "onecycle"),
+    "bn128_e45_adamw": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
+                        "2e-3", "--epochs", "45", "--patience", "45", "--optimizer", "adamw",
+                        "--weight-decay", "0.05"),
     "paper": ("--recipe", "paper"),
 }
 
@@ -78,6 +87,20 @@ def run_row(name: str, root: str, data: str, seed: int | None = None) -> dict:
     if code == 0:
         with open(record_path, "w") as f:
             json.dump(record, f, indent=2)
+    return record
+
+
+def record_finished(name: str, root: str) -> dict:
+    """study.json for a row trained outside `run_row` (by hand, or by a queue that was
+    stopped): the wall time from the run's first file (config.json) to its last
+    (MODEL_CARD.md), which misses only Ray's start-up."""
+    run_dir = _run_dir(root, name)
+    started = os.path.getmtime(os.path.join(run_dir, "config.json"))
+    ended = os.path.getmtime(os.path.join(run_dir, "MODEL_CARD.md"))
+    record = {"name": name, "command": "(see config.json)", "returncode": 0,
+              "wall_s": ended - started, "wall_from": "file times"}
+    with open(os.path.join(run_dir, "study.json"), "w") as f:
+        json.dump(record, f, indent=2)
     return record
 
 
@@ -130,12 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of the rows' run dirs")
     parser.add_argument("--run", nargs="*", default=[],
                         help="rows to train, in order; NAME_sN runs row NAME with --seed N")
+    parser.add_argument("--record", nargs="*", default=[],
+                        help="write study.json for finished rows trained outside this command")
     parser.add_argument("--list", action="store_true", help="print the rows and their flags")
     parser.add_argument("--table", action="store_true", help="print the table of finished rows")
     args = parser.parse_args(argv)
     if args.list:
         for name, flags in ROWS.items():
             print(f"{name}: {' '.join(flags)}")
+    for name in args.record:
+        print(json.dumps(record_finished(name, args.root)), flush=True)
     for name in args.run:
         record = run_row(name, args.root, args.data)
         print(json.dumps(record), flush=True)

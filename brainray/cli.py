@@ -332,13 +332,15 @@ def _explain_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="TorchScript (and ONNX if installed) with calibration",
+    p = sub.add_parser("export", help="TorchScript, torch.export (and ONNX if installed) with "
+                                      "calibration",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
-    p.add_argument("--output", required=True, help="folder URI for model.ts, model.onnx and "
-                                                   "export.json")
+    p.add_argument("--output", required=True, help="folder URI for model.ts, model.pt2, "
+                                                   "model.onnx and export.json")
     p.add_argument("--no-onnx", dest="onnx", action="store_false",
-                   help="TorchScript only, even when the onnx package is installed")
+                   help="TorchScript and torch.export only, even when the onnx package is "
+                        "installed")
     _add_storage_flags(p)
 
 

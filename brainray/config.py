@@ -334,7 +334,8 @@ class ExplainConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """TorchScript (and ONNX when installed) export of a checkpoint with its temperature."""
+    """TorchScript, torch.export (and ONNX when installed) export of a checkpoint with its
+    temperature."""
 
     model: str  # checkpoint file URI or run directory URI
     output: str  # folder URI

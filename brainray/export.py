@@ -1,4 +1,5 @@
-"""Export a checkpoint for use without brainray: TorchScript always, ONNX when `onnx` is installed.
+"""Export a checkpoint for use without brainray: TorchScript and a torch.export program always,
+ONNX when `onnx` is installed.
 
 The exported network includes the checkpoint's temperature and the softmax, so it outputs
 **calibrated probabilities**, exactly what `brainray score` reports:
@@ -32,7 +33,9 @@ from brainray.console import say
 from brainray.transforms import inference_views
 
 TORCHSCRIPT_FILE = "model.ts"
+EXPORTED_PROGRAM_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
+METADATA_FILE = "export.json"
 ONNX_OPSET = 17
 
 
@@ -63,15 +66,41 @@ def example_input(checkpoint: dict, batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def dynamic_batch() -> dict:
+    """torch.export's `dynamic_shapes` for the one input: any batch size, fixed S x S."""
+    return {"image": {0: torch.export.Dim("batch", min=1)}}
+
+
 def to_torchscript(checkpoint: dict) -> bytes:
     module = calibrated_module(checkpoint)
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # torch >= 2.9 marks TorchScript deprecated (FutureWarning); it still loads everywhere
-        # libtorch does, which is why it is the format asked for here.
+        # libtorch does (C++ without Python), which is why it is kept beside model.pt2.
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module, example_input(checkpoint))
         torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+def to_exported_program(checkpoint: dict) -> bytes:
+    """model.pt2 bytes: a torch.export program (dynamic batch) for `torch.export.load(f).module()`.
+
+    Raises RuntimeError with a one-line reason when the model does not export: unlike ONNX, this
+    file needs no optional package, so a failure is the model's, and is not skipped quietly.
+    """
+    module = calibrated_module(checkpoint)
+    try:
+        program = torch.export.export(module, (example_input(checkpoint),),
+                                      dynamic_shapes=dynamic_batch())
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        raise RuntimeError(f"cannot write {EXPORTED_PROGRAM_FILE}: torch.export of "
+                           f"{checkpoint['model_name']} ({checkpoint['model_id']}) failed, "
+                           f"nothing was written: {reason}") from exc
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
     return buffer.getvalue()
 
 
@@ -98,7 +127,7 @@ def to_onnx(checkpoint: dict) -> bytes:
             try:
                 torch.onnx.export(module, (example_input(checkpoint),), path, dynamo=True,
                                   external_data=False,
-                                  dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+                                  dynamic_shapes=dynamic_batch(),
                                   **names)
             except Exception as exc:
                 raise RuntimeError(f"ONNX export failed ({legacy_error}; then {exc})") from exc
@@ -120,38 +149,45 @@ def export_metadata(checkpoint: dict, files: list[str]) -> dict:
                               "with test_time_augmentation hflip the logits are the mean over "
                               "the image and its left-right mirror, inside the exported graph"},
         "test_time_augmentation": tta_of(checkpoint),
+        # torch.export.save warns its files may not load in other PyTorch versions: this is the
+        # one that wrote model.pt2 (and model.ts).
+        "torch_version": torch.__version__,
         "files": files,
     }
 
 
+def exported_files(checkpoint: dict, want_onnx: bool) -> tuple[dict[str, bytes], str | None]:
+    """Every file's bytes by name, made before any is written (a failing export leaves no partial
+    folder), and a note when ONNX is not among them."""
+    files = {TORCHSCRIPT_FILE: to_torchscript(checkpoint),
+             EXPORTED_PROGRAM_FILE: to_exported_program(checkpoint)}
+    written = f"{TORCHSCRIPT_FILE} and {EXPORTED_PROGRAM_FILE} were written"
+    if not want_onnx:
+        return files, "ONNX export not requested (--no-onnx)"
+    if not onnx_available():
+        return files, ("ONNX export skipped: the `onnx` package is not installed "
+                       f"(pip install 'brainray[onnx]'); {written}")
+    try:
+        files[ONNX_FILE] = to_onnx(checkpoint)
+    except Exception as exc:  # the other formats stand on their own; ONNX is the optional extra
+        return files, f"ONNX export failed, {written}: {exc}"
+    return files, None
+
+
 def run_export(config: ExportConfig) -> dict:
-    """`brainray export`: model.ts (+ model.onnx) and export.json in the output folder."""
+    """`brainray export`: model.ts, model.pt2 (+ model.onnx) and export.json in the output."""
     options = config.storage
     storage.ensure_writable(config.output, options)
     checkpoint = load_checkpoint(config.model, options)
-    files = [TORCHSCRIPT_FILE]
-    storage.write_bytes(storage.join(config.output, TORCHSCRIPT_FILE), to_torchscript(checkpoint),
-                        options)
-    onnx_note = None
-    if not config.onnx:
-        onnx_note = "ONNX export not requested (--no-onnx)"
-    elif not onnx_available():
-        onnx_note = ("ONNX export skipped: the `onnx` package is not installed "
-                     "(pip install onnx); TorchScript was written")
-    else:
-        try:
-            data = to_onnx(checkpoint)
-        except Exception as exc:  # TorchScript is written; ONNX is the optional extra
-            onnx_note = f"ONNX export failed, TorchScript was written: {exc}"
-        else:
-            storage.write_bytes(storage.join(config.output, ONNX_FILE), data, options)
-            files.append(ONNX_FILE)
-    metadata = export_metadata(checkpoint, files)
-    storage.write_bytes(storage.join(config.output, "export.json"),
+    files, onnx_note = exported_files(checkpoint, config.onnx)
+    for name, data in files.items():
+        storage.write_bytes(storage.join(config.output, name), data, options)
+    metadata = export_metadata(checkpoint, list(files))
+    storage.write_bytes(storage.join(config.output, METADATA_FILE),
                         json.dumps(metadata, indent=2).encode(), options)
     say(f"exported {checkpoint['model_name']} ({checkpoint['model_id']}, temperature "
-          f"{metadata['temperature']:.3f}) to {storage.redact(config.output)}: "
-          f"{', '.join(files)} + export.json; outputs are calibrated probabilities")
+        f"{metadata['temperature']:.3f}) to {storage.redact(config.output)}: "
+        f"{', '.join(files)} + {METADATA_FILE}; outputs are calibrated probabilities")
     if onnx_note:
         say(onnx_note)
     return {**metadata, "onnx_note": onnx_note}
