@@ -37,6 +37,21 @@ from brainray.config import (
 SAMPLE_EPOCHS = 5
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside each flag (unless None: the help says what happens then);
+    descriptions and examples kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(sub, name: str, summary: str, description: str, examples: str):
+    return sub.add_parser(name, help=summary, description=description,
+                          epilog="examples:\n" + examples, formatter_class=_HelpFormatter)
+
+
 def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("object storage (credentials come from the AWS chain)")
     group.add_argument("--s3-endpoint", default=None,
@@ -61,7 +76,7 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
                             "log file in the output's logs/ folder)")
 
 
-_TRAIN_EXAMPLES = """examples:
+_TRAIN_EXAMPLES = """\
   brainray train                                   # the embedded sample, 5 epochs, a demo
   brainray train --data /data/Training --run-dir runs/best          # the default recipe
   brainray train --data s3://bucket/Training --run-dir s3://bucket/runs/paper --recipe paper
@@ -198,12 +213,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a classifier; with no flags, on the embedded sample",
-                       description="Train a tumor classifier on labeled MRI slices with Ray "
-                                   "Train, then calibrate it and write a complete run: model, "
-                                   "metrics, plots, model card.",
-                       epilog=_TRAIN_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "train", "train a classifier; with no flags, on the embedded sample",
+                 "Train a tumor classifier on labeled MRI slices (one folder per class, or a "
+                 "manifest) with Ray Train, then calibrate it and write a complete run "
+                 "directory: model.pt, metrics.json, plots, MODEL_CARD.md. The same --run-dir "
+                 "again resumes the run.", _TRAIN_EXAMPLES)
     _add_data_flags(p)
     _add_recipe_flags(p)
     _add_run_flags(p)
@@ -211,7 +225,7 @@ def _train_parser(sub) -> None:
     _add_storage_flags(p)
 
 
-_TUNE_EXAMPLES = """examples:
+_TUNE_EXAMPLES = """\
   brainray tune --data /data/Training --output runs/search --trials 8 --epochs 15
   brainray tune --data s3://b/Training --output s3://b/search --space space.yaml
 
@@ -223,13 +237,11 @@ space.yaml maps training fields to one of choice / uniform / loguniform / randin
 
 
 def _tune_parser(sub) -> None:
-    p = sub.add_parser("tune", help="hyperparameter search: trials of `train` on Ray Tune",
-                       description="Search training settings with Ray Tune: every trial is a "
-                                   "full `brainray train` run in <output>/trials/<id>/, ASHA "
-                                   "stops weak trials on validation loss, and the results "
-                                   "table goes to <output>/trials.parquet. Relaunch with the "
-                                   "same --output to resume an interrupted search.",
-                       epilog=_TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "tune", "hyperparameter search: trials of `train` on Ray Tune",
+                 "Search training settings with Ray Tune: every trial is a full `brainray "
+                 "train` run in <output>/trials/<id>/, ASHA stops weak trials on validation "
+                 "loss, and the results table goes to <output>/trials.parquet. Relaunch with the "
+                 "same --output to resume an interrupted search.", _TUNE_EXAMPLES)
     d = SearchConfig.__dataclass_fields__
     p.add_argument("--data", required=True, help="labeled images, as for `train --data`")
     p.add_argument("--output", required=True, help="folder URI for the search (local or s3://)")
@@ -258,8 +270,13 @@ def _tune_parser(sub) -> None:
 
 
 def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics and plots of a trained model on labeled data",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _command(sub, "evaluate", "metrics and plots of a trained model on labeled data",
+                 "Score labeled images with a trained model and write the same metrics.json, "
+                 "plots and predictions.parquet as a training run's test split.",
+                 "  brainray evaluate --model runs/best --data /data/Testing --output "
+                 "runs/best/eval-testing\n"
+                 "  brainray evaluate --model s3://b/runs/best --data s3://b/Testing --output "
+                 "s3://b/eval --shortcut-check\n")
     p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
     p.add_argument("--data", required=True, help="labeled folder (one sub-folder per class) or "
                                                  "CSV/Parquet manifest")
@@ -274,8 +291,15 @@ def _evaluate_parser(sub) -> None:
 
 
 def _score_parser(sub) -> None:
-    p = sub.add_parser("score", help="score image archives into a Parquet dataset, exactly once",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _command(sub, "score", "score image archives into a Parquet dataset, exactly once",
+                 "Classify every image in folders, S3 prefixes, zip/tar archives and DICOM files "
+                 "into <output>/scores/ (Parquet: predicted class, confidence, per-class "
+                 "probabilities, review and out-of-distribution flags, model id). Incremental: "
+                 "a nightly run scores only what this model has not scored yet.",
+                 "  brainray score --model runs/best --input /archive/2026-11 --output "
+                 "/data/scores\n"
+                 "  brainray score --model s3://b/runs/best --input s3://pacs-export/ --output "
+                 "s3://b/scores --concurrency 4\n")
     d = ScoreConfig.__dataclass_fields__
     p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
     p.add_argument("--input", action="append", required=True, dest="inputs",
@@ -314,8 +338,13 @@ def _score_parser(sub) -> None:
 
 
 def _explain_parser(sub) -> None:
-    p = sub.add_parser("explain", help="Grad-CAM heatmap overlays (PNG) for chosen images",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _command(sub, "explain", "Grad-CAM heatmap overlays (PNG) for chosen images",
+                 "Write, per image, a PNG of the input beside its Grad-CAM heatmap (where the "
+                 "model looked), captioned with the probabilities, plus explanations.csv.",
+                 "  brainray explain --model runs/best --input /data/cases/ --output "
+                 "runs/best/explain\n"
+                 "  brainray explain --model runs/best --input chosen.txt --output s3://b/explain "
+                 "--target-class glioma\n")
     d = ExplainConfig.__dataclass_fields__
     p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
     p.add_argument("--input", action="append", required=True, dest="inputs",
@@ -332,9 +361,12 @@ def _explain_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="TorchScript, torch.export (and ONNX if installed) with "
-                                      "calibration",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _command(sub, "export", "TorchScript, torch.export (and ONNX if installed) with "
+                                "calibration",
+                 "Export a trained model for use without brainray: model.ts (TorchScript), "
+                 "model.pt2 (torch.export), model.onnx (with the onnx extra) and export.json; "
+                 "each outputs calibrated probabilities.",
+                 "  brainray export --model runs/best --output runs/best/export\n")
     p.add_argument("--model", required=True, help="run directory or checkpoint (model.pt) URI")
     p.add_argument("--output", required=True, help="folder URI for model.ts, model.pt2, "
                                                    "model.onnx and export.json")
@@ -345,7 +377,16 @@ def _export_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brainray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="brainray", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train and run a brain-MRI tumor classifier (glioma, meningioma, notumor, "
+                    "pituitary) as Ray batch jobs, locally or on a Ray cluster.\n"
+                    "Research software: not for diagnosis.",
+        epilog="start here:\n"
+               "  brainray train                       # a demo run on the embedded sample\n"
+               "  brainray train --data /data/Training # the default recipe on your data\n"
+               "  brainray score --model runs/<run> --input /archive --output /data/scores\n"
+               "each command has --help with its flags and examples")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _tune_parser(sub)
