@@ -21,6 +21,7 @@ from brainray.config import (
     LR_SCHEDULES,
     MODEL_NAMES,
     OPTIMIZERS,
+    PLACEMENT_STRATEGIES,
     PRECISIONS,
     RECIPE_NAMES,
     RECIPES,
@@ -195,7 +196,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--torch-threads", type=int, default=d["torch_threads"].default,
                    help="intra-op threads per worker; 0 = the node's cores / its workers")
     c.add_argument("--max-failures", type=int, default=d["max_failures"].default,
-                   help="restarts from the latest checkpoint after a worker dies")
+                   help="restarts from the latest checkpoint after a worker (or its node) dies")
+    c.add_argument("--resource-wait-s", type=float, default=d["resource_wait_s"].default,
+                   help="how long the workers wait for CPUs/GPUs (e.g. for GPU nodes the "
+                        "autoscaler starts) before the run fails saying so")
+    c.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES,
+                   default=d["placement_strategy"].default,
+                   help="how workers are placed over nodes: PACK fills nodes, SPREAD spreads "
+                        "them, STRICT_SPREAD puts each on its own node")
     k = p.add_argument_group("experiment tracking (TensorBoard events always go to "
                              "<run-dir>/tensorboard/)")
     k.add_argument("--mlflow-tracking-uri", default=None,
@@ -432,6 +440,7 @@ def train_config(args) -> TrainConfig:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         dedup_max_hamming=args.dedup_max_hamming,
         dedup_min_similarity=args.dedup_min_similarity, max_failures=args.max_failures,
+        resource_wait_s=args.resource_wait_s, placement_strategy=args.placement_strategy,
         preprocess=PreprocessConfig(image_size=image_size), storage=_storage(args),
         target_accuracy=args.target_accuracy,
         mlflow_tracking_uri=args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
@@ -518,43 +527,70 @@ def _run_job(command: str, config) -> None:
         run_scoring(config)
 
 
-def init_ray(address: str | None, use_gpu: bool | None) -> bool:
-    """Connect to the cluster (or start a local one); resolve --use-gpu's auto default."""
+def init_ray(address: str | None, use_gpu: bool | None,
+             env_vars: dict[str, str] | None = None) -> tuple[bool, object]:
+    """Connect to the cluster (or start a local one); resolve --use-gpu's auto default from what
+    the cluster has or can have. Returns (use_gpu, the cluster view)."""
     import ray
 
+    from brainray import cluster
     from brainray.console import say
     from brainray.runtime_env import tune_this_process, worker_env_vars
 
     if not ray.is_initialized():
-        env_vars = worker_env_vars()
+        env_vars = {**worker_env_vars(), **(env_vars or {})}
         tune_this_process()
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), configure_logging=False,
                  runtime_env={"env_vars": env_vars} if env_vars else None)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        say(f"GPUs {'found' if use_gpu else 'not found'} in the cluster: "
-              f"{'using' if use_gpu else 'not using'} them")
-    return use_gpu
+    view = cluster.current_view()
+    gpu = cluster.use_gpu(use_gpu, view)
+    say(f"cluster: {view.alive_nodes} node(s) alive; {cluster.describe(view, gpu)}")
+    return gpu, view
 
 
 def _output_uri(command: str, config) -> str:
     return config.run_dir if command == "train" else config.output
 
 
-def check_output_reachable(command: str, config, alive_nodes: int) -> None:
-    """On a multi-node cluster a local output path would scatter files over the nodes' disks."""
+# The URIs each command reads or writes on the workers: (config field, its flag).
+_SHARED_PATHS = {
+    "train": (("data", "--data"), ("test_data", "--test-data"), ("run_dir", "--run-dir"),
+              ("weights", "--weights")),
+    "tune": (("data", "--data"), ("test_data", "--test-data"), ("output", "--output"),
+             ("space", "--space")),
+    "evaluate": (("model", "--model"), ("data", "--data"), ("output", "--output")),
+    "score": (("model", "--model"), ("inputs", "--input"), ("output", "--output"),
+              ("explain_review_dir", "--explain-review-dir")),
+}
+
+
+def _job_env_vars(config) -> dict[str, str]:
+    """Settings the job's Ray processes need from its config: how long Ray Train waits for its
+    workers' resources (GPU nodes an autoscaler starts on demand take minutes)."""
+    wait = getattr(config, "resource_wait_s", None)
+    if wait is None or "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" in os.environ:
+        return {}
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(wait)}
+
+
+def check_paths_shared(command: str, config, view) -> None:
+    """When work may run on another node, every path it reads or writes must be shared storage:
+    a local input would be missing there (and become error rows that incremental runs then
+    skip forever), a local output would scatter over the nodes' disks."""
+    from brainray import cluster
     from brainray.storage import is_local
 
-    uri = _output_uri(command, config)
-    if alive_nodes > 1 and is_local(uri):
-        raise ValueError(f"the cluster has {alive_nodes} nodes, so the output must be shared "
-                         f"storage (s3://...), not the local path {uri!r}")
-
-
-def _alive_nodes() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
+    if not cluster.is_multi_node(view):
+        return
+    for field_name, flag in _SHARED_PATHS.get(command, ()):
+        value = getattr(config, field_name)
+        for uri in (value if isinstance(value, tuple) else (value,)):
+            if uri and uri != "imagenet" and is_local(uri):
+                raise ValueError(
+                    f"{flag} {uri!r} is a local path, but this cluster can run the job's work "
+                    f"on other nodes ({view.alive_nodes} alive" + (", more can be launched"
+                                                                  if view.can_add_nodes else "")
+                    + "), which cannot see this machine's files: use s3://")
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -627,9 +663,9 @@ def _run_ray_job(args, config) -> None:
             if local_log:
                 out.line(f"Ray's own output goes to {storage.redact(remote_log or local_log)}")
             try:
-                config = dataclasses.replace(config,
-                                             use_gpu=init_ray(args.address, args.use_gpu))
-                check_output_reachable(args.command, config, _alive_nodes())
+                gpu, view = init_ray(args.address, args.use_gpu, _job_env_vars(config))
+                config = dataclasses.replace(config, use_gpu=gpu)
+                check_paths_shared(args.command, config, view)
                 _run_job(args.command, config)
             finally:
                 if ours:  # flushes the workers' last forwarded lines into the log, too

@@ -42,6 +42,7 @@ AUGMENT_LEVELS: tuple[str, ...] = ("paper", "medium", "light", "none")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
 TTA_MODES: tuple[str, ...] = ("none", "hflip")
+PLACEMENT_STRATEGIES: tuple[str, ...] = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,10 @@ class TrainConfig:
     # (brainray.split.link_similar), a stricter grouping than the perceptual hash alone
     dedup_min_similarity: float = 0.0
     max_failures: int = 2
+    # how long the workers may wait for their resources (e.g. GPU nodes an autoscaler launches)
+    # before the run fails with a clear reason instead of waiting forever
+    resource_wait_s: float = 600.0
+    placement_strategy: str = "PACK"  # of the workers over nodes: PACK, SPREAD, STRICT_SPREAD
     preprocess: PreprocessConfig = field(default_factory=_default_preprocess)
     storage: StorageOptions = field(default_factory=StorageOptions)
     # abstention: the review threshold is chosen on validation for this accepted-set accuracy
@@ -197,6 +202,9 @@ class TrainConfig:
             (0 < self.backbone_lr_factor <= 1, "backbone lr factor must be in (0, 1]"),
             (0 <= self.dedup_min_similarity <= 1, "dedup min similarity must be in [0, 1]"),
             (self.warmup_epochs >= 0, "warmup epochs must be >= 0"),
+            (self.resource_wait_s > 0, "resource wait must be > 0 seconds"),
+            (self.placement_strategy in PLACEMENT_STRATEGIES,
+             f"placement strategy must be one of {PLACEMENT_STRATEGIES}"),
             (self.mlflow_registered_model is None or self.mlflow_tracking_uri is not None,
              "--mlflow-register-model needs --mlflow-tracking-uri (or MLFLOW_TRACKING_URI)"),
             (self.epochs >= 1, "epochs must be >= 1"),

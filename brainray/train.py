@@ -89,7 +89,10 @@ def _run_config(config: TrainConfig, callbacks: list | None = None) -> ray.train
         # The latest checkpoint is always kept too (for resume), besides the best by val loss.
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
-        failure_config=ray.train.FailureConfig(max_failures=config.max_failures))
+        # Also bounds the retries of a worker group that cannot get its resources (a lost node,
+        # no GPU): Ray Train would otherwise wait and retry without end.
+        failure_config=ray.train.FailureConfig(max_failures=config.max_failures,
+                                               controller_failure_limit=config.max_failures))
 
 
 def _loop_config(config: TrainConfig, n_train: int, initial_weights=None,
@@ -274,7 +277,8 @@ def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights,
         train_loop_config=_loop_config(config, n_train, *initial_weights, events=events),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker}),
+            resources_per_worker={"CPU": config.cpus_per_worker},
+            placement_strategy=config.placement_strategy),
         run_config=_run_config(config, callbacks),
         datasets={"train": splits["train"], "val": splits["val"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))

@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from brainray import cli
+from brainray.cluster import ClusterView
 from brainray.config import (
     DEFAULT_CLASSES,
     IMAGE_EXTENSIONS,
@@ -285,34 +286,64 @@ def test_parsing_does_not_create_the_run_dir(tmp_path):
     assert not run_dir.exists()
 
 
-# --- multi-node output check ------------------------------------------------------------------
+# --- multi-node path check --------------------------------------------------------------------
+
+ONE_NODE = ClusterView(alive_nodes=1, alive={"CPU": 2.0})
+THREE_NODES = ClusterView(alive_nodes=3, alive={"CPU": 6.0})
+AUTOSCALING = ClusterView(alive_nodes=1, alive={"CPU": 6.0}, possible={"CPU": 50.0, "GPU": 4.0},
+                          can_add_nodes=True)
+S3_TRAIN = ["train", "--data", "s3://b/d", "--run-dir", "s3://b/r"]
+S3_SCORE = ["score", "--model", "s3://b/m.pt", "--input", "s3://b/in", "--output", "s3://b/o"]
+S3_EVAL = ["evaluate", "--model", "s3://b/m.pt", "--data", "s3://b/d", "--output", "s3://b/o"]
 
 
-@pytest.mark.parametrize("command,flags", [
-    ("train", ["--run-dir", "runs/local"]),
-    ("score", ["--model", "m.pt", "--input", "in", "--output", "out"]),
-    ("evaluate", ["--model", "m.pt", "--data", "d", "--output", "out"]),
+def _config_of(argv: list[str]):
+    args = cli.build_parser().parse_args(argv)
+    return cli._CONFIGS[args.command](args)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--data", "/local/d", "--run-dir", "s3://b/r"], "--data"),
+    ([*S3_TRAIN, "--test-data", "/local/t"], "--test-data"),
+    (["train", "--data", "s3://b/d", "--run-dir", "runs/local"], "--run-dir"),
+    ([*S3_TRAIN, "--model", "resnet18", "--weights", "/local/r18.pth"], "--weights"),
+    (["score", "--model", "/local/m.pt", "--input", "s3://b/in", "--output", "s3://b/o"],
+     "--model"),
+    ([*S3_SCORE, "--input", "/local/archive"], "--input"),
+    (["score", "--model", "s3://b/m.pt", "--input", "s3://b/in", "--output", "out"],
+     "--output"),
+    ([*S3_SCORE, "--explain-review-dir", "/local/review"], "--explain-review-dir"),
+    (["evaluate", "--model", "s3://b/m.pt", "--data", "/local/d", "--output", "s3://b/o"],
+     "--data"),
 ])
-def test_local_output_is_refused_on_a_multi_node_cluster(command, flags):
-    # Given a job whose output is a local path
-    args = cli.build_parser().parse_args([command, *flags])
-    config = cli._CONFIGS[command](args)
+def test_a_local_path_is_refused_when_work_may_run_on_another_node(argv, flag):
+    # Given a job with one local path among shared ones
+    config = _config_of(argv)
+    # When the cluster is one fixed node it is accepted
+    cli.check_paths_shared(argv[0], config, ONE_NODE)
+    # Then with more nodes alive, or an autoscaler that may add some, it is refused by name
+    for view in (THREE_NODES, AUTOSCALING):
+        with pytest.raises(ValueError, match=f"{flag} .* is a local path.*use s3://"):
+            cli.check_paths_shared(argv[0], config, view)
 
-    # When the cluster has one node it is accepted; with three it is refused with the reason
-    cli.check_output_reachable(command, config, alive_nodes=1)
-    with pytest.raises(ValueError, match="3 nodes.*s3://"):
-        cli.check_output_reachable(command, config, alive_nodes=3)
+
+@pytest.mark.parametrize("argv", [S3_TRAIN, S3_SCORE, S3_EVAL,
+                                  [*S3_TRAIN, "--model", "resnet18", "--weights", "imagenet"]])
+def test_shared_paths_are_accepted_on_a_multi_node_cluster(argv):
+    cli.check_paths_shared(argv[0], _config_of(argv), THREE_NODES)
 
 
-def test_s3_output_is_accepted_on_a_multi_node_cluster():
-    args = cli.build_parser().parse_args(["train", "--run-dir", "s3://bucket/runs/x"])
-    cli.check_output_reachable("train", cli.train_config(args), alive_nodes=5)
+def test_train_waits_for_resources_as_long_as_its_flag_says(monkeypatch):
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    config = _config_of([*S3_TRAIN, "--resource-wait-s", "90"])
+    assert cli._job_env_vars(config) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "90.0"}
+    assert cli._job_env_vars(_config_of(S3_SCORE)) == {}
 
 
 def test_init_ray_gives_the_jobs_workers_the_allocator_settings(monkeypatch):
     import ray
 
-    from brainray import runtime_env
+    from brainray import cluster, runtime_env
 
     calls = []
     for name in (*runtime_env.ALLOCATOR_ENV, "GLIBC_TUNABLES"):
@@ -320,7 +351,8 @@ def test_init_ray_gives_the_jobs_workers_the_allocator_settings(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(runtime_env, "tune_this_process", lambda: True)
-    assert cli.init_ray("auto", use_gpu=False) is False
+    monkeypatch.setattr(cluster, "current_view", lambda: ONE_NODE)
+    assert cli.init_ray("auto", use_gpu=False) == (False, ONE_NODE)
     assert calls[0]["runtime_env"] == {"env_vars": runtime_env.ALLOCATOR_ENV}
     assert calls[0]["address"] == "auto"
 
