@@ -6,6 +6,7 @@ only a small metadata index (path, label, hashes, error) ever reaches the driver
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import posixpath
 from dataclasses import dataclass
@@ -80,11 +81,13 @@ def decode_labeled_batch(batch: dict[str, np.ndarray], *, classes: list[str],
     sha256s, errors = [], []
     for i in range(n):
         data = batch[COL_BYTES][i]
-        sha256s.append(hashlib.sha256(data).hexdigest())
+        sha256s.append(hashlib.sha256(data or b"").hexdigest())
         if root is not None:
             label, error = _label_from_path(str(batch[COL_PATH][i]), root, classes)
         else:
             label, error = _label_from_manifest(str(batch[COL_LABEL_NAME][i]), classes)
+        if data is None:
+            error = error or MISSING_FILE
         if not error:
             try:
                 # Fingerprints and thumbnails see the 8-bit image the model sees: hashing raw
@@ -121,6 +124,18 @@ def _read_manifest(uri: str, options: StorageOptions) -> ray.data.Dataset:
                                 fn_kwargs={"base": base, "options": options})
 
 
+MISSING_FILE = "listed in the manifest, but the file does not exist"
+
+
+def _read_listed(uri: str, options: StorageOptions) -> bytes | None:
+    """The bytes of a file a manifest lists; None when it does not exist (a skipped file with
+    that reason). Any other storage failure, after the SDK's retries, fails the job with the URI
+    and the cause: an outage must never silently shrink the training set."""
+    if not storage.exists(uri, options):
+        return None
+    return storage.read_bytes(uri, options)
+
+
 def _fetch_manifest_rows(frame: pd.DataFrame, *, base: str,
                          options: StorageOptions) -> pd.DataFrame:
     paths, payloads = [], []
@@ -128,10 +143,7 @@ def _fetch_manifest_rows(frame: pd.DataFrame, *, base: str,
         uri = raw_path if (storage.is_s3(raw_path) or raw_path.startswith("/")) else storage.join(
             base, raw_path)
         paths.append(uri)
-        try:
-            payloads.append(storage.read_bytes(uri, options))
-        except storage.StorageError:
-            payloads.append(b"")  # decoded as "empty file" and reported with its path
+        payloads.append(_read_listed(uri, options))
     return pd.DataFrame({COL_PATH: paths, COL_LABEL_NAME: frame[COL_LABEL].astype(str).to_numpy(),
                          COL_BYTES: payloads})
 
@@ -171,9 +183,27 @@ class LabeledData:
     index: pd.DataFrame  # one row per file: path, label, sha256, fingerprint, error
 
 
+@contextlib.contextmanager
+def storage_errors_raised():
+    """Within the block, a storage failure in a Ray Data task fails the job with brainray's own
+    one-line reason (the URI and the cause), not Ray's "UDF failed to process a data block"."""
+    context = ray.data.DataContext.get_current()
+    previous = context.raise_original_map_exception
+    context.raise_original_map_exception = True  # the UDF's exception, not UserCodeException
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, storage.StorageError):
+            raise exc.cause from None
+        raise
+    finally:
+        context.raise_original_map_exception = previous
+
+
 def load_labeled(uri: str, classes: list[str], preprocess: PreprocessConfig,
                  options: StorageOptions) -> LabeledData:
-    dataset = read_labeled_images(uri, classes, preprocess, options).materialize()
+    with storage_errors_raised():
+        dataset = read_labeled_images(uri, classes, preprocess, options).materialize()
     index = dataset.select_columns(INDEX_COLUMNS).to_pandas()
     if index.empty:
         raise ValueError(f"no image files found under {storage.redact(uri)} "

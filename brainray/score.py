@@ -27,6 +27,7 @@ from brainray.checkpoint import (
 )
 from brainray.config import ScoreConfig, StorageOptions
 from brainray.console import EventPump, Events, console, say
+from brainray.data import storage_errors_raised
 from brainray.explain import ReviewOverlays
 from brainray.predict import Predictor
 from brainray.presets import InferencePreset
@@ -307,19 +308,9 @@ def _scored(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri:
 def _write_staged(scored: ray.data.Dataset, staging: str, config: ScoreConfig) -> None:
     """Write the run's rows to its staging folder; a storage outage in a task fails the job with
     its own one-line reason."""
-    context = ray.data.DataContext.get_current()
-    raise_original = context.raise_original_map_exception
-    # Tasks raise our own exceptions, not Ray's UserCodeException (which drops the cause).
-    context.raise_original_map_exception = True
     fs, staging_path = storage.resolve(staging, config.storage)
-    try:
+    with storage_errors_raised():
         scored.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, storage.StorageError):
-            raise exc.cause from None
-        raise
-    finally:
-        context.raise_original_map_exception = raise_original
 
 
 def run_scoring(config: ScoreConfig) -> dict:

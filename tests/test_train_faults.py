@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from brainray.cli import run
-from tests.conftest import tiny_dataset_files, write_tree
+from tests.conftest import tiny_dataset_files, upload_tree, write_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -71,3 +71,55 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, tm
     assert len(metrics["resumed_at_epochs"]) >= 1
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
     assert (run_dir / "model.pt").exists()
+
+
+# --- storage faults while reading the training data ------------------------------------------
+
+
+def _s3_flags(endpoint: str) -> list[str]:
+    return ["--s3-endpoint", endpoint, "--s3-region", "us-east-1"]
+
+
+FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-gpu",
+        "--cpus-per-worker", "1", "--torch-threads", "1"]
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("layout", ["folder", "manifest"])
+def test_an_image_unreadable_past_the_retries_fails_training_naming_it(
+        ray_cluster, s3_endpoint, s3_bucket, tmp_path, capfd, layout):
+    # Given training data on S3 of which the store keeps refusing one object with 503
+    from tests.faultproxy import Fault, FaultProxy
+
+    client, bucket = s3_bucket
+    files = tiny_dataset_files(per_class=4)
+    data = upload_tree(client, bucket, "mri", files)
+    if layout == "manifest":
+        lines = ["path,label", *(f"{p},{p.split('/')[0]}" for p in files)]
+        client.put_object(Bucket=bucket, Key="mri/manifest.csv", Body="\n".join(lines).encode())
+        data = f"{data}/manifest.csv"
+    victim = next(iter(files))
+    with FaultProxy(s3_endpoint, [Fault("503", first=10**6, path_contains=victim)]) as proxy:
+        # When training reads it
+        code = run(["train", "--data", data, "--run-dir", f"s3://{bucket}/runs/{layout}", *FAST,
+                    *_s3_flags(proxy.url)])
+    # Then the job fails with one line naming the object, and no run report is written
+    assert code == 1
+    reason = capfd.readouterr().err.strip().splitlines()[-1]
+    assert reason.startswith("brainray train: error: ") and victim.split("/")[-1] in reason
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{layout}/metrics.json")
+    assert listed.get("KeyCount", 0) == 0
+
+
+def test_a_file_a_manifest_lists_but_that_does_not_exist_is_skipped_with_the_reason(
+        ray_cluster, tmp_path):
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=4))
+    lines = ["path,label", *(f"{p.relative_to(data)},{p.parent.name}"
+                             for p in sorted(data.rglob("*.*"))), "glioma/gone.png,glioma"]
+    (data / "manifest.csv").write_text("\n".join(lines))
+    run_dir = tmp_path / "run"
+    assert run(["train", "--data", str(data / "manifest.csv"), "--run-dir", str(run_dir),
+                *FAST]) == 0
+    skipped = json.loads((run_dir / "metrics.json").read_text())["skipped_files"]
+    assert [(s["path"].rsplit("/", 2)[-2:], s["error"]) for s in skipped] == [
+        (["glioma", "gone.png"], "listed in the manifest, but the file does not exist")]
