@@ -58,6 +58,12 @@ ROWS: dict[str, tuple[str, ...]] = {
                         "2e-3", "--epochs", "45", "--patience", "45", "--optimizer", "adamw",
                         "--weight-decay", "0.05"),
     "paper": ("--recipe", "paper"),
+    # DDP: the same 10-epoch recipe on 1 worker and on 2 (each with one of the two cores)
+    "ddp1_e10": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
+                 "2e-3", "--epochs", "10", "--patience", "10"),
+    "ddp2_e10": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
+                 "2e-3", "--epochs", "10", "--patience", "10", "--num-workers", "2",
+                 "--cpus-per-worker", "0.5", "--batch-size", "16"),
 }
 
 
