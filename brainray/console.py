@@ -31,10 +31,17 @@ class Console:
     """brainray's own output: lines, and progress (a bar on a terminal, plain lines elsewhere)."""
 
     def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._stream = stream  # None: whatever sys.stdout is at the time of writing
         self._bar: tqdm | None = None
         self._last_plain = 0.0
+
+    @property
+    def stream(self):
+        return self._stream if self._stream is not None else sys.stdout
+
+    @property
+    def tty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
 
     def line(self, text: str) -> None:
         if self._bar is not None:
