@@ -1,0 +1,356 @@
+"""report.html: the page of a training run or evaluation (html_report.render_run_report, the
+mistakes gallery of brainray.report) and of a scoring output (`brainray report`), parsed back
+with the standard library's html.parser."""
+
+from __future__ import annotations
+
+import base64
+import io
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from brainray import calibration as cal
+from brainray import console, report
+from brainray import metrics as metric_fns
+from brainray.checkpoint import (
+    ACCURACY_PNG,
+    CONFUSION_PNG,
+    COVERAGE_PNG,
+    LOSS_PNG,
+    RELIABILITY_PNG,
+    make_checkpoint,
+)
+from brainray.config import COL_LABEL, COL_PATH, COL_PROBS, DEFAULT_CLASSES, PreprocessConfig
+from brainray.html_report import (
+    PNG_SIGNATURE,
+    REPORT_FILE,
+    Gallery,
+    Mistake,
+    png_data_uri,
+    render_run_report,
+)
+from brainray.model import build_model
+
+RUN_SECTIONS = ["metrics", "per-class", "confusion", "curves", "calibration", "split",
+                "leakage", "mistakes"]
+
+
+class PageReader(HTMLParser):
+    """What a reader of the page sees: section ids, images, tables as rows of cell texts, the
+    text, and any tag that would fetch something from elsewhere."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.sections: list[str] = []
+        self.images: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self.external: list[str] = []
+        self.words: list[str] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self.feed(text)
+        self.text = " ".join(" ".join(self.words).split())
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        elif tag in ("script", "link", "iframe", "object", "embed"):
+            self.external.append(tag)
+        elif tag == "table":
+            self._table = attrs.get("id")
+            self.tables[self._table] = []
+        elif tag == "tr":
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        self.words.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def rows(self, table_id: str) -> dict[str, list[str]]:
+        """Body rows of a table by their first cell."""
+        return {row[0]: row[1:] for row in self.tables[table_id][1:]}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _assert_valid_png_data_uris(sources: list[str]) -> None:
+    assert sources
+    for src in sources:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix), src[:40]
+        data = base64.b64decode(src[len(prefix):], validate=True)
+        assert data.startswith(PNG_SIGNATURE)
+        Image.open(io.BytesIO(data)).verify()
+
+
+@pytest.fixture
+def said(monkeypatch) -> io.StringIO:
+    """What brainray's console says during the test (the console keeps the stream it was made
+    with, so capsys would miss it)."""
+    stream = io.StringIO()
+    monkeypatch.setattr(console, "_CONSOLE", console.Console(stream))
+    return stream
+
+
+def _tiny_png(value: int = 128) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _training_metrics() -> tuple[dict, dict[str, bytes]]:
+    """A training run's metrics.json content and its figures, from synthetic predictions."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    logits = rng.normal(size=(len(y), 4))
+    logits[np.arange(len(y)), y] += 2.0
+    probs = cal.softmax(logits)
+    frame = pd.DataFrame({COL_PATH: [f"/d/{i}.png" for i in range(len(y))], COL_LABEL: y,
+                          COL_PROBS: list(probs)})
+    result = cal.calibrate_run(frame, frame, 0.95)
+    metrics = metric_fns.classification_metrics(y, probs, DEFAULT_CLASSES)
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e,
+                "train_accuracy": 0.5 + e / 10, "val_accuracy": 0.45 + e / 10} for e in (1, 2, 3)]
+    metrics.update(
+        result.report, model_name="bn_cnn", model_id="0123abcd", history=history, best_epoch=3,
+        training_wall_s=12.3, skipped_files=[{"path": "/d/bad.png", "error": "empty"}],
+        baseline_1nn={"method": "1-NN on thumbnails", "accuracy": 0.4321,
+                      "accuracy_ci95": [0.35, 0.52], "macro_f1": 0.41, "n_images": 120},
+        near_duplicates={"method": "cosine", "n_images": 120, "median": 0.91,
+                         "share_above_0.95": 0.125, "share_above_0.99": 0.025},
+        split={"n_images": 600, "n_groups": 590, "n_duplicate_groups": 8,
+               "n_images_in_duplicate_groups": 18,
+               "counts": {"train": {c: 120 for c in DEFAULT_CLASSES},
+                          "val": {c: 15 for c in DEFAULT_CLASSES},
+                          "test": {c: 30 for c in DEFAULT_CLASSES}}})
+    figs = {CONFUSION_PNG: metric_fns.render_confusion_matrix(metrics["confusion_matrix"],
+                                                              DEFAULT_CLASSES),
+            LOSS_PNG: metric_fns.render_loss_curve(history),
+            ACCURACY_PNG: metric_fns.render_accuracy_curve(history),
+            RELIABILITY_PNG: result.reliability_png, COVERAGE_PNG: result.coverage_png}
+    return metrics, figs
+
+
+def _gallery(n: int = 2) -> Gallery:
+    return Gallery(tuple(Mistake(f"/d/wrong_{i}.png", "glioma", "meningioma", 0.9 - i / 10,
+                                 _tiny_png(i)) for i in range(n)))
+
+
+@pytest.fixture(scope="module")
+def training_page() -> tuple[dict, PageReader]:
+    metrics, figs = _training_metrics()
+    return metrics, PageReader(render_run_report(metrics, figs, _gallery()))
+
+
+# --- the page of a training run -----------------------------------------------------------------
+
+
+def test_a_training_page_has_every_section_and_only_embedded_pngs(training_page):
+    # Given a training run's metrics and figures / When its page is rendered (fixture)
+    _, page = training_page
+    # Then every section is there, in reading order
+    assert page.sections == RUN_SECTIONS
+    # and the five plots and two overlays are valid PNG data URIs; nothing is fetched from
+    # elsewhere
+    assert len(page.images) == 7
+    _assert_valid_png_data_uris(page.images)
+    assert page.external == []
+
+
+def test_the_headline_numbers_are_metrics_json_s_beside_the_baseline(training_page):
+    # Given the page of a training run (fixture)
+    metrics, page = training_page
+    # When its metrics table is read back
+    header, rows = page.tables["metrics-table"][0], page.rows("metrics-table")
+    # Then accuracy and its 95% CI, and the baseline's, are the metrics' own
+    assert header == ["metric", "model", "1-NN baseline"]
+    low, high = metrics["accuracy_ci95"]
+    assert rows["accuracy"][0] == (f"{_pct(metrics['accuracy'])} (95% CI {_pct(low)}–"
+                                   f"{_pct(high)})")
+    assert rows["accuracy"][1] == "43.2% (95% CI 35.0%–52.0%)"
+    assert rows["macro F1"] == [f"{metrics['macro_f1']:.3f}", "0.410"]
+    assert rows["images"] == ["120", "120"]
+
+
+def test_per_class_and_confusion_tables_are_metrics_json_s(training_page):
+    # Given the page of a training run (fixture) / When the per-class and confusion tables
+    # are read back
+    metrics, page = training_page
+    per_class, confusion = page.rows("per-class-table"), page.rows("confusion-table")
+    # Then every class's precision, recall, F1 and support, and every confusion cell, match
+    assert page.tables["per-class-table"][0] == ["class", "precision", "recall", "F1",
+                                                 "ROC-AUC", "support"]
+    for name, row in metrics["per_class"].items():
+        assert per_class[name][:3] == [f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+                                       f"{row['f1']:.3f}"]
+        assert per_class[name][4] == str(row["support"])
+    for name, cm_row in zip(DEFAULT_CLASSES, metrics["confusion_matrix"], strict=True):
+        assert confusion[name] == [str(v) for v in cm_row]
+
+
+def test_calibration_split_and_leakage_numbers_are_metrics_json_s(training_page):
+    # Given the page of a training run (fixture) / When its other tables are read back
+    metrics, page = training_page
+    calibration = page.rows("calibration-table")
+    # Then temperature, review threshold, split counts and leakage shares match
+    assert calibration["temperature T (fitted on validation)"] == [
+        f"{metrics['calibration']['temperature']:.3f}"]
+    assert calibration["review threshold (calibrated confidence)"] == [
+        f"{metrics['abstention']['threshold']:.3f}"]
+    assert calibration["test coverage (accepted)"] == [
+        _pct(metrics["abstention"]["test_coverage"])]
+    assert page.rows("split-table")["test"] == ["30", "30", "30", "30", "120"]
+    assert page.rows("leakage-table")["share above 0.95"] == ["12.5%"]
+    assert page.rows("leakage-table")["share above 0.99"] == ["2.5%"]
+
+
+def test_the_gallery_shows_each_mistake_with_its_labels_and_path(training_page):
+    # Given a gallery of two mistakes (fixture) / When the page is read
+    metrics, page = training_page
+    wrong = metrics["n_images"] - np.trace(metrics["confusion_matrix"])
+    # Then it says how many of all mistakes it shows, and each card names labels and path
+    assert f"The 2 most confident of {wrong} wrong predictions" in page.text
+    assert "true glioma, predicted meningioma (confidence 0.900)" in page.text
+    assert "/d/wrong_1.png" in page.text
+
+
+# --- the page of an evaluation, and what is missing -----------------------------------------
+
+
+def test_an_evaluation_page_leaves_out_what_evaluation_does_not_have():
+    # Given an evaluation's metrics: no history, split, baseline, calibration or leakage
+    y = np.array([0, 1, 2, 3, 0, 1])
+    probs = np.eye(4)[[0, 1, 2, 3, 1, 1]] * 0.7 + 0.075
+    metrics = {**metric_fns.classification_metrics(y, probs, DEFAULT_CLASSES),
+               "model_name": "bn_cnn", "data": "s3://b/test", "skipped_files": []}
+    figs = {CONFUSION_PNG: metric_fns.render_confusion_matrix(metrics["confusion_matrix"],
+                                                              DEFAULT_CLASSES)}
+    # When its page is rendered
+    page = PageReader(render_run_report(metrics, figs, Gallery()))
+    # Then only the sections it has data for are there, and no baseline column
+    assert page.sections == ["metrics", "per-class", "confusion", "mistakes"]
+    assert page.tables["metrics-table"][0] == ["metric", "model"]
+    assert "Evaluation: bn_cnn" in page.text and "s3://b/test" in page.text
+    _assert_valid_png_data_uris(page.images)
+
+
+def test_a_run_without_mistakes_says_so():
+    # Given metrics of a perfect model
+    y = np.arange(4)
+    metrics = {**metric_fns.classification_metrics(y, np.eye(4), DEFAULT_CLASSES),
+               "skipped_files": []}
+    # When rendered with an empty gallery / Then the mistakes section says there are none
+    page = PageReader(render_run_report(metrics, {}, Gallery()))
+    assert "mistakes" in page.sections
+    assert "No mistakes on the 4 images." in page.text
+
+
+def test_a_failed_gallery_is_explained_on_the_page():
+    # Given metrics with a mistake and a gallery that could not be made
+    y = np.array([0, 1, 2, 3])
+    metrics = {**metric_fns.classification_metrics(y, np.eye(4)[[0, 1, 2, 2]], DEFAULT_CLASSES),
+               "skipped_files": []}
+    # When rendered / Then the page says why there are no overlays
+    page = PageReader(render_run_report(metrics, {}, Gallery(error="RuntimeError: boom")))
+    assert "1 wrong prediction; the gallery could not be made: RuntimeError: boom" in page.text
+    assert page.images == []
+
+
+def test_values_from_the_data_are_escaped_not_run():
+    # Given a mistake whose path holds markup
+    metrics, _ = _training_metrics()
+    evil = '/d/<script>alert("x")</script>.png'
+    gallery = Gallery((Mistake(evil, "glioma", "notumor", 0.8, None),))
+    # When rendered / Then the path is shown as text, and no script tag exists
+    page = PageReader(render_run_report(metrics, {}, gallery))
+    assert page.external == []
+    assert evil in page.text
+    assert "no Grad-CAM overlay for this image" in page.text
+
+
+def test_only_png_bytes_become_data_uris():
+    with pytest.raises(ValueError, match="PNG"):
+        png_data_uri(b"GIF89a...")
+
+
+# --- the gallery of the most confident mistakes (brainray.report) -----------------------------
+
+
+def _predictions() -> pd.DataFrame:
+    probs = np.array([[0.9, 0.05, 0.03, 0.02],   # right
+                      [0.2, 0.7, 0.05, 0.05],    # glioma as meningioma, 0.7
+                      [0.05, 0.05, 0.1, 0.8],    # meningioma as pituitary, 0.8
+                      [0.3, 0.3, 0.35, 0.05],    # pituitary as notumor, 0.35
+                      [0.1, 0.1, 0.7, 0.1]])     # notumor, right
+    return pd.DataFrame({COL_PATH: [f"/t/{i}.png" for i in range(5)],
+                         COL_LABEL: [0, 0, 1, 3, 2], COL_PROBS: list(probs)})
+
+
+def test_most_confident_mistakes_are_the_wrong_ones_most_confident_first():
+    # Given predictions with three mistakes / When the two most confident are picked
+    wrong = report.most_confident_mistakes(_predictions(), limit=2)
+    # Then they are the wrong rows in decreasing confidence
+    assert wrong[COL_PATH].tolist() == ["/t/2.png", "/t/1.png"]
+    assert wrong["predicted"].tolist() == [3, 1]
+    assert wrong["confidence"].tolist() == pytest.approx([0.8, 0.7])
+
+
+def test_the_gallery_fetches_only_the_mistakes_and_draws_their_grad_cam(monkeypatch):
+    # Given a tiny model and a dataset stand-in that records which paths were asked for
+    model = build_model("bn_cnn", 4, 32)
+    checkpoint = make_checkpoint(model, model_name="bn_cnn", classes=DEFAULT_CLASSES,
+                                 preprocess=PreprocessConfig(32), config={}, metrics={}, epoch=1)
+    asked = []
+
+    def take_images(dataset, paths):
+        asked.extend(paths)
+        return {p: np.full((32, 32), 100, dtype=np.uint8) for p in paths}
+
+    monkeypatch.setattr(report, "take_images", take_images)
+    # When the gallery of the two most confident mistakes is made
+    gallery = report.mistake_gallery("dataset", _predictions(), checkpoint, limit=2)
+    # Then only their images were fetched, and each has labels, confidence and a PNG overlay
+    assert gallery.error is None and asked == ["/t/2.png", "/t/1.png"]
+    assert [(m.true_label, m.predicted_label) for m in gallery.mistakes] == [
+        ("meningioma", "pituitary"), ("glioma", "meningioma")]
+    assert gallery.mistakes[0].confidence == pytest.approx(0.8)
+    assert all(m.overlay_png.startswith(PNG_SIGNATURE) for m in gallery.mistakes)
+
+
+def test_a_gallery_that_fails_says_why_and_does_not_raise(monkeypatch, said):
+    # Given fetching the images fails
+    def take_images(dataset, paths):
+        raise RuntimeError("object store lost")
+
+    monkeypatch.setattr(report, "take_images", take_images)
+    # When the gallery is made / Then it carries the reason, and a warning is printed
+    gallery = report.mistake_gallery("dataset", _predictions(), {"classes": DEFAULT_CLASSES})
+    assert gallery.error == "RuntimeError: object store lost"
+    assert "warning: no mistakes gallery" in said.getvalue()
+
+
+def test_a_page_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path, said):
+    # Given an output "directory" that is a regular file
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    metrics, figs = _training_metrics()
+    # When the page is written there / Then nothing is raised and the warning names the page
+    report.write_html_report(str(blocker), metrics, figs, None, Gallery())
+    assert f"warning: {blocker}/{REPORT_FILE} was not written" in said.getvalue()
