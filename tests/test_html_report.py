@@ -7,14 +7,17 @@ from __future__ import annotations
 import base64
 import io
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from brainray import calibration as cal
-from brainray import console, report
+from brainray import cli, console, publish, report
 from brainray import metrics as metric_fns
 from brainray.checkpoint import (
     ACCURACY_PNG,
@@ -34,6 +37,7 @@ from brainray.html_report import (
     render_run_report,
 )
 from brainray.model import build_model
+from brainray.score_report import RowCounts, count_rows
 
 RUN_SECTIONS = ["metrics", "per-class", "confusion", "curves", "calibration", "split",
                 "leakage", "mistakes"]
@@ -354,3 +358,150 @@ def test_a_page_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path, said
     # When the page is written there / Then nothing is raised and the warning names the page
     report.write_html_report(str(blocker), metrics, figs, None, Gallery())
     assert f"warning: {blocker}/{REPORT_FILE} was not written" in said.getvalue()
+
+
+# --- `brainray report` on a scoring output ------------------------------------------------------
+
+
+def _scored_rows(rows: list[tuple]) -> dict[str, np.ndarray]:
+    """A scored batch as brainray.score hands it to publish.output_table; rows are
+    (uri, probs or None for an error, error text, needs_review, out_of_distribution)."""
+    n = len(rows)
+    probs = [p if p is not None else [np.nan] * 4 for _, p, _, _, _ in rows]
+    return {publish.COL_URI: np.array([r[0] for r in rows], dtype=object),
+            publish.COL_MEMBER: np.array([None] * n, dtype=object),
+            publish.COL_FRAME: np.array([None] * n, dtype=object),
+            publish.COL_SHA256: np.array([f"sha{r[0]}" for r in rows], dtype=object),
+            publish.COL_STATUS: np.array([publish.STATUS_ERROR if r[1] is None
+                                          else publish.STATUS_OK for r in rows], dtype=object),
+            publish.COL_ERROR: np.array([r[2] for r in rows], dtype=object),
+            publish.COL_SOURCE_SIZE: np.arange(n), publish.COL_SOURCE_MTIME: np.arange(n),
+            publish.COL_PROBS: np.array(probs, dtype=np.float32),
+            publish.COL_NEEDS_REVIEW: np.array([r[3] for r in rows]),
+            publish.COL_OOD: np.array([r[4] for r in rows])}
+
+
+GLIOMA, MENINGIOMA, PITUITARY = [0.9, 0.05, 0.03, 0.02], [0.1, 0.6, 0.2, 0.1], [0, 0, 0.05, 0.95]
+RUN_1 = [("a", GLIOMA, "", False, False), ("b", GLIOMA, "", False, False),
+         ("c", MENINGIOMA, "", True, False), ("d", None, "empty file (0 bytes)", None, None)]
+RUN_2 = [("e", PITUITARY, "", False, False), ("f", MENINGIOMA, "", True, True),
+         ("g", None, "empty file (0 bytes)", None, None),
+         ("h", None, "not a decodable image: truncated", None, None)]
+
+
+def _publish_run(output: str, run_id: str, rows: list[tuple], threshold: float) -> None:
+    """Stage and commit one run with publish's own functions (the manifest as scoring writes
+    it)."""
+    table = publish.output_table(_scored_rows(rows), classes=list(DEFAULT_CLASSES),
+                                 model_id="model-1", model_name="bn_cnn", run_id=run_id)
+    staging = publish.staging_uri(output, run_id)
+    Path(staging).mkdir(parents=True)
+    pq.write_table(table, f"{staging}/0.parquet")
+    summary = {**publish.summarize(staging, None, threshold), "files": len(rows),
+               "model_id": "model-1", "run_id": run_id}  # as brainray.score.run_scoring adds
+    publish.mark_ready(output, run_id, summary, None)
+    assert publish.commit(output, run_id, None) == []
+
+
+@pytest.fixture
+def scoring_output(tmp_path) -> str:
+    """Two committed runs, plus what must not be counted: a run still staging and a copy in
+    scores/ that no manifest names (a crash between copying and committing)."""
+    output = str(tmp_path / "scores")
+    _publish_run(output, "run-1", RUN_1, 0.7)
+    _publish_run(output, "run-2", RUN_2, 0.65)
+    stray = publish.output_table(_scored_rows([("x", GLIOMA, "", False, False)] * 50),
+                                 classes=list(DEFAULT_CLASSES), model_id="model-1",
+                                 model_name="bn_cnn", run_id="run-3")
+    staging = tmp_path / "scores" / publish.STAGING_DIR / "run-3"
+    staging.mkdir(parents=True)
+    pq.write_table(stray, str(staging / "0.parquet"))
+    pq.write_table(stray, str(tmp_path / "scores" / publish.SCORES_DIR / "part-run-3-0.parquet"))
+    return output
+
+
+def test_brainray_report_counts_only_committed_rows(scoring_output, said):
+    # Given a scoring output with two committed runs, one run staging and a stray copy
+    # When `brainray report` runs on it
+    assert cli.run(["report", scoring_output]) == 0
+    with open(f"{scoring_output}/{REPORT_FILE}", encoding="utf-8") as f:
+        page = PageReader(f.read())
+    # Then the overview counts the 8 committed rows only: 5 scored, 3 errors, 2 to review
+    # (of the 5 scored), 1 out of distribution
+    assert page.sections == ["overview", "classes", "confidence", "errors", "runs"]
+    overview = page.rows("overview-table")
+    assert overview["all"][0] == "8"
+    assert overview["scored (status ok)"][0] == "5"
+    assert overview["errors (status error)"] == ["3", "37.5% of rows"]
+    assert overview["needs review"] == ["2", "40.0% of scored rows"]
+    assert overview["out of distribution"] == ["1", "20.0% of scored rows"]
+    assert "report of 8 row(s) from 2 committed run(s)" in said.getvalue()
+
+
+def test_brainray_report_shows_classes_errors_runs_and_the_histogram(scoring_output):
+    # Given the scoring output / When `brainray report` runs on it
+    assert cli.run(["report", scoring_output]) == 0
+    with open(f"{scoring_output}/{REPORT_FILE}", encoding="utf-8") as f:
+        page = PageReader(f.read())
+    # Then every class of the model is listed with its rows, zeros included
+    assert page.rows("classes-table") == {"glioma": ["2", "40.0%"],
+                                          "meningioma": ["2", "40.0%"],
+                                          "notumor": ["0", "0.0%"],
+                                          "pituitary": ["1", "20.0%"]}
+    # and error reasons with counts, most frequent first
+    assert page.tables["errors-table"][1:] == [["empty file (0 bytes)", "2"],
+                                               ["not a decodable image: truncated", "1"]]
+    # and each committed run in commit order, with its own rows, errors and reviews
+    runs = page.rows("runs-table")
+    assert list(runs) == ["run-1", "run-2"]
+    assert runs["run-1"][1:] == ["model-1", "0.700", "4", "1", "1", "0"]
+    assert runs["run-2"][1:] == ["model-1", "0.650", "4", "2", "1", "1"]
+    # and the one image is the confidence histogram, embedded
+    assert len(page.images) == 1
+    _assert_valid_png_data_uris(page.images)
+    assert page.external == []
+
+
+def test_brainray_report_out_writes_the_page_elsewhere(scoring_output, tmp_path):
+    # Given --out / When `brainray report` runs / Then the page is there and not in the output
+    out = tmp_path / "elsewhere" / "page.html"
+    assert cli.run(["report", scoring_output, "--out", str(out)]) == 0
+    assert PageReader(out.read_text(encoding="utf-8")).sections[0] == "overview"
+    assert not (tmp_path / "scores" / REPORT_FILE).exists()
+
+
+def test_brainray_report_on_an_output_without_commits_fails_naming_it(tmp_path, capsys):
+    # Given a folder nothing was committed to / When reported on / Then exit 1 with its name
+    assert cli.run(["report", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "empty") in err and "no committed scoring run" in err
+
+
+def test_a_file_older_than_a_column_reads_it_as_nulls(tmp_path):
+    # Given a published file written before the out_of_distribution column existed
+    table = publish.output_table(_scored_rows(RUN_1), classes=list(DEFAULT_CLASSES),
+                                 model_id="m", model_name="bn_cnn", run_id="r")
+    path = tmp_path / "old.parquet"
+    pq.write_table(table.drop_columns([publish.COL_OOD]), str(path))
+    # When the report's columns are read and counted
+    columns = (publish.COL_STATUS, publish.COL_ERROR, publish.COL_PREDICTED,
+               publish.COL_CONFIDENCE, publish.COL_NEEDS_REVIEW, publish.COL_OOD)
+    read = publish.read_columns(str(path), columns, None)
+    counts = count_rows(read)
+    # Then only those columns come back, the missing one as nulls, and nothing is flagged OOD
+    assert read.column_names == list(columns)
+    assert read[publish.COL_OOD].null_count == 4
+    assert (counts.rows, counts.ok, counts.errors, counts.out_of_distribution) == (4, 3, 1, 0)
+
+
+def test_counts_of_two_files_add_up_to_the_counts_of_both():
+    # Given the rows of two runs, counted separately and together
+    def table(rows):
+        return publish.output_table(_scored_rows(rows), classes=list(DEFAULT_CLASSES),
+                                    model_id="m", model_name="n", run_id="r")
+
+    together = count_rows(pa.concat_tables([table(RUN_1), table(RUN_2)]))
+    # When the separate counts are added / Then they equal the counts of all rows
+    assert count_rows(table(RUN_1)) + count_rows(table(RUN_2)) == together
+    assert sum(together.confidence) == together.ok == 5
+    assert together + RowCounts() == together
