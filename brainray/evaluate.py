@@ -40,7 +40,8 @@ def run_evaluation(config: EvalConfig) -> dict:
     predictions = predict_labeled(labeled.dataset, usable, model_uri, options, config.batch_size,
                                   config.num_actors, config.use_gpu)
     test = compute_metrics(predictions, classes)
-    report = {**test, "model_id": checkpoint["model_id"], "model": storage.redact(model_uri),
+    report = {**test, "model_id": checkpoint["model_id"], "model_name": checkpoint["model_name"],
+              "model": storage.redact(model_uri),
               "data": storage.redact(config.data), "skipped_files": skipped_files(labeled.index),
               "config": to_dict(config), "temperature": temperature_of(checkpoint)}
     if config.shortcut_check:

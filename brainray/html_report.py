@@ -56,6 +56,7 @@ class Mistake:
     predicted_label: str
     confidence: float
     overlay_png: bytes | None = None
+    empty_map: bool = False  # Grad-CAM found no positive evidence for the predicted class
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,8 @@ def _leakage_section(metrics: Mapping) -> Section | None:
 
 def _mistake_card(m: Mistake) -> str:
     text = (f"true {m.true_label}, predicted {m.predicted_label} "
-            f"(confidence {m.confidence:.3f}); heatmap: evidence for {m.predicted_label}")
+            f"(confidence {m.confidence:.3f}); heatmap: evidence for {m.predicted_label}"
+            + ("; the map is empty: no positive evidence for it" if m.empty_map else ""))
     image = (f'<img src="{png_data_uri(m.overlay_png)}" alt="Grad-CAM of {esc(m.path)}">'
              if m.overlay_png else paragraph("no Grad-CAM overlay for this image", "note"))
     return (f'<div class="card">{image}<p>{esc(text)}</p>'
@@ -330,7 +332,10 @@ def _mistakes_section(metrics: Mapping, gallery: Gallery | None) -> Section:
 
 
 def _run_facts(metrics: Mapping) -> list[tuple[str, str]]:
-    facts = [("model", f"{metrics.get('model_name', '')} ({metrics.get('model_id', 'n/a')})")]
+    facts = [("model", f"{metrics.get('model_name', 'n/a')} (model_id "
+                       f"{metrics.get('model_id', 'n/a')})")]
+    if metrics.get("model"):  # an evaluation names the checkpoint it loaded
+        facts.append(("checkpoint", str(metrics["model"])))
     config = metrics.get("config") or {}
     data = metrics.get("data") or config.get("data")
     if data:

@@ -78,11 +78,14 @@ def most_confident_mistakes(predictions: pd.DataFrame, limit: int = GALLERY_SIZE
                              kind="stable").head(limit).reset_index(drop=True)
 
 
-def _overlays(checkpoint: dict, images: np.ndarray, targets: np.ndarray) -> list[bytes]:
-    """Untitled overlays: the page prints each one's labels beside it."""
+def _overlays(checkpoint: dict, images: np.ndarray, targets: np.ndarray
+              ) -> list[tuple[bytes, bool]]:
+    """Untitled overlays (the page prints each one's labels beside it), and whether each map is
+    empty (no positive evidence for the class)."""
     cam = GradCam(model_from_checkpoint(checkpoint), temperature_of(checkpoint))
     heat, _, _ = cam.explain_images(images, targets)
-    return [render_overlay(image, h) for image, h in zip(images, heat, strict=True)]
+    return [(render_overlay(image, h), not h.any()) for image, h in zip(images, heat,
+                                                                        strict=True)]
 
 
 def mistake_gallery(dataset, predictions: pd.DataFrame, checkpoint: dict,
@@ -96,15 +99,16 @@ def mistake_gallery(dataset, predictions: pd.DataFrame, checkpoint: dict,
         if wrong.empty:
             return Gallery()
         images = take_images(dataset, wrong[COL_PATH])
-        pngs = _overlays(checkpoint, np.stack([images[p] for p in wrong[COL_PATH]]),
-                         wrong["predicted"].to_numpy())
+        overlays = _overlays(checkpoint, np.stack([images[p] for p in wrong[COL_PATH]]),
+                             wrong["predicted"].to_numpy())
     except Exception as exc:  # the gallery is an extra; the run's numbers are already written
         say(f"warning: no mistakes gallery in the report: {exc}")
         return Gallery(error=f"{type(exc).__name__}: {exc}")
     return Gallery(tuple(
-        Mistake(path, classes[t], classes[p], float(c), png) for path, t, p, c, png in zip(
-            wrong[COL_PATH], wrong[COL_LABEL], wrong["predicted"], wrong["confidence"], pngs,
-            strict=True)))
+        Mistake(path, classes[t], classes[p], float(c), png, empty)
+        for path, t, p, c, (png, empty) in zip(wrong[COL_PATH], wrong[COL_LABEL],
+                                               wrong["predicted"], wrong["confidence"], overlays,
+                                               strict=True)))
 
 
 def write_html_report(output_uri: str, report: dict, figures: dict[str, bytes],
