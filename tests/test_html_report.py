@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from brainray.checkpoint import (
     make_checkpoint,
 )
 from brainray.config import COL_LABEL, COL_PATH, COL_PROBS, DEFAULT_CLASSES, PreprocessConfig
+from brainray.data import sample_data_dir
 from brainray.html_report import (
     PNG_SIGNATURE,
     REPORT_FILE,
@@ -38,6 +40,7 @@ from brainray.html_report import (
 )
 from brainray.model import build_model
 from brainray.score_report import RowCounts, count_rows
+from tests.test_train import FAST
 
 RUN_SECTIONS = ["metrics", "per-class", "confusion", "curves", "calibration", "split",
                 "leakage", "mistakes"]
@@ -84,6 +87,9 @@ class PageReader(HTMLParser):
         self.words.append(data)
         if self._cell is not None:
             self._cell.append(data)
+
+    def rows_of_facts(self) -> dict[str, str]:
+        return {label: value for label, value in self.tables["facts"]}
 
     def rows(self, table_id: str) -> dict[str, list[str]]:
         """Body rows of a table by their first cell."""
@@ -243,7 +249,8 @@ def test_an_evaluation_page_leaves_out_what_evaluation_does_not_have():
     y = np.array([0, 1, 2, 3, 0, 1])
     probs = np.eye(4)[[0, 1, 2, 3, 1, 1]] * 0.7 + 0.075
     metrics = {**metric_fns.classification_metrics(y, probs, DEFAULT_CLASSES),
-               "model_name": "bn_cnn", "data": "s3://b/test", "skipped_files": []}
+               "model_name": "bn_cnn", "model": "s3://b/runs/r1/model.pt", "data": "s3://b/test",
+               "skipped_files": []}
     figs = {CONFUSION_PNG: metric_fns.render_confusion_matrix(metrics["confusion_matrix"],
                                                               DEFAULT_CLASSES)}
     # When its page is rendered
@@ -251,7 +258,9 @@ def test_an_evaluation_page_leaves_out_what_evaluation_does_not_have():
     # Then only the sections it has data for are there, and no baseline column
     assert page.sections == ["metrics", "per-class", "confusion", "mistakes"]
     assert page.tables["metrics-table"][0] == ["metric", "model"]
-    assert "Evaluation: bn_cnn" in page.text and "s3://b/test" in page.text
+    assert "Evaluation: bn_cnn" in page.text
+    facts = page.rows_of_facts()
+    assert facts["checkpoint"] == "s3://b/runs/r1/model.pt" and facts["data"] == "s3://b/test"
     _assert_valid_png_data_uris(page.images)
 
 
@@ -287,6 +296,15 @@ def test_values_from_the_data_are_escaped_not_run():
     assert page.external == []
     assert evil in page.text
     assert "no Grad-CAM overlay for this image" in page.text
+
+
+def test_an_empty_grad_cam_map_is_called_empty():
+    # Given a mistake whose map has no positive evidence for the predicted class
+    metrics, _ = _training_metrics()
+    gallery = Gallery((Mistake("/d/x.png", "glioma", "notumor", 0.8, _tiny_png(), True),))
+    # When rendered / Then its card says the map is empty rather than showing a blank heatmap
+    page = PageReader(render_run_report(metrics, {}, gallery))
+    assert "the map is empty: no positive evidence for it" in page.text
 
 
 def test_only_png_bytes_become_data_uris():
@@ -505,3 +523,36 @@ def test_counts_of_two_files_add_up_to_the_counts_of_both():
     assert count_rows(table(RUN_1)) + count_rows(table(RUN_2)) == together
     assert sum(together.confidence) == together.ok == 5
     assert together + RowCounts() == together
+
+
+# --- end to end: a tiny training run and an evaluation on the embedded sample -----------------
+
+
+def _page_of(path: Path) -> PageReader:
+    return PageReader(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_training_run_and_an_evaluation_write_their_report_html(ray_cluster, tmp_path):
+    # Given a one-epoch run on the embedded sample at 32 px
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    assert cli.run(["train", "--run-dir", str(run_dir), "--epochs", "1", *FAST]) == 0
+    # When its model is evaluated on the sample too
+    assert cli.run(["evaluate", "--model", str(run_dir), "--data", sample_data_dir(),
+                    "--output", str(eval_dir), "--no-gpu"]) == 0
+    # Then the run's page has every section, its accuracy is metrics.json's, and its gallery
+    # shows overlays or says there were no mistakes
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    page = _page_of(run_dir / REPORT_FILE)
+    assert page.sections == RUN_SECTIONS
+    assert page.rows("metrics-table")["accuracy"][0].startswith(_pct(metrics["accuracy"]))
+    _assert_valid_png_data_uris(page.images)
+    mistakes = metrics["n_images"] - np.trace(metrics["confusion_matrix"])
+    assert len(page.images) == 5 + min(mistakes, report.GALLERY_SIZE) or (
+        mistakes == 0 and "No mistakes" in page.text)
+    # and the evaluation's page has what an evaluation has, with its own numbers
+    evaluation = json.loads((eval_dir / "metrics.json").read_text())
+    page = _page_of(eval_dir / REPORT_FILE)
+    assert page.sections == ["metrics", "per-class", "confusion", "mistakes"]
+    assert page.rows("metrics-table")["images"] == [str(evaluation["n_images"])]
