@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from brainray import calibration as cal
-from brainray import cli, console, publish, report
+from brainray import cli, console, publish, report, storage
 from brainray import metrics as metric_fns
 from brainray.checkpoint import (
     ACCURACY_PNG,
@@ -407,35 +407,43 @@ RUN_2 = [("e", PITUITARY, "", False, False), ("f", MENINGIOMA, "", True, True),
          ("h", None, "not a decodable image: truncated", None, None)]
 
 
-def _publish_run(output: str, run_id: str, rows: list[tuple], threshold: float) -> None:
+def _parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _publish_run(output: str, run_id: str, rows: list[tuple], threshold: float,
+                 options=None) -> None:
     """Stage and commit one run with publish's own functions (the manifest as scoring writes
     it)."""
     table = publish.output_table(_scored_rows(rows), classes=list(DEFAULT_CLASSES),
                                  model_id="model-1", model_name="bn_cnn", run_id=run_id)
     staging = publish.staging_uri(output, run_id)
-    Path(staging).mkdir(parents=True)
-    pq.write_table(table, f"{staging}/0.parquet")
-    summary = {**publish.summarize(staging, None, threshold), "files": len(rows),
+    storage.write_bytes(storage.join(staging, "0.parquet"), _parquet(table), options)
+    summary = {**publish.summarize(staging, options, threshold), "files": len(rows),
                "model_id": "model-1", "run_id": run_id}  # as brainray.score.run_scoring adds
-    publish.mark_ready(output, run_id, summary, None)
-    assert publish.commit(output, run_id, None) == []
+    publish.mark_ready(output, run_id, summary, options)
+    assert publish.commit(output, run_id, options) == []
+
+
+def _make_scoring_output(output: str, options=None) -> str:
+    """Two committed runs, plus what must not be counted: a run still staging and a copy in
+    scores/ that no manifest names (a crash between copying and committing)."""
+    _publish_run(output, "run-1", RUN_1, 0.7, options)
+    _publish_run(output, "run-2", RUN_2, 0.65, options)
+    stray = _parquet(publish.output_table(
+        _scored_rows([("x", GLIOMA, "", False, False)] * 50), classes=list(DEFAULT_CLASSES),
+        model_id="model-1", model_name="bn_cnn", run_id="run-3"))
+    storage.write_bytes(storage.join(publish.staging_uri(output, "run-3"), "0.parquet"), stray,
+                        options)
+    storage.write_bytes(publish.scores_uri(output, "part-run-3-0.parquet"), stray, options)
+    return output
 
 
 @pytest.fixture
 def scoring_output(tmp_path) -> str:
-    """Two committed runs, plus what must not be counted: a run still staging and a copy in
-    scores/ that no manifest names (a crash between copying and committing)."""
-    output = str(tmp_path / "scores")
-    _publish_run(output, "run-1", RUN_1, 0.7)
-    _publish_run(output, "run-2", RUN_2, 0.65)
-    stray = publish.output_table(_scored_rows([("x", GLIOMA, "", False, False)] * 50),
-                                 classes=list(DEFAULT_CLASSES), model_id="model-1",
-                                 model_name="bn_cnn", run_id="run-3")
-    staging = tmp_path / "scores" / publish.STAGING_DIR / "run-3"
-    staging.mkdir(parents=True)
-    pq.write_table(stray, str(staging / "0.parquet"))
-    pq.write_table(stray, str(tmp_path / "scores" / publish.SCORES_DIR / "part-run-3-0.parquet"))
-    return output
+    return _make_scoring_output(str(tmp_path / "scores"))
 
 
 def test_brainray_report_counts_only_committed_rows(scoring_output, said):
@@ -486,6 +494,20 @@ def test_brainray_report_out_writes_the_page_elsewhere(scoring_output, tmp_path)
     assert cli.run(["report", scoring_output, "--out", str(out)]) == 0
     assert PageReader(out.read_text(encoding="utf-8")).sections[0] == "overview"
     assert not (tmp_path / "scores" / REPORT_FILE).exists()
+
+
+@pytest.mark.s3
+def test_brainray_report_reads_and_writes_a_scoring_output_in_s3(s3_bucket, s3_options):
+    # Given the same scoring output in a bucket on the moto server
+    _, bucket = s3_bucket
+    output = _make_scoring_output(f"s3://{bucket}/scores", s3_options)
+    # When `brainray report` runs on it
+    flags = ["--s3-endpoint", s3_options.s3_endpoint, "--s3-region", "us-east-1"]
+    assert cli.run(["report", output, *flags]) == 0
+    # Then the page is written beside the rows and counts the committed rows only
+    page = PageReader(storage.read_bytes(f"{output}/{REPORT_FILE}", s3_options).decode())
+    assert page.rows("overview-table")["all"][0] == "8"
+    assert list(page.rows("runs-table")) == ["run-1", "run-2"]
 
 
 def test_brainray_report_on_an_output_without_commits_fails_naming_it(tmp_path, capsys):
