@@ -1,6 +1,7 @@
-"""Command line: `brainray train|tune|evaluate|score|explain|export`. Flags become frozen configs.
+"""Command line: `brainray train|tune|evaluate|score|report|explain|export`. Flags become frozen
+configs.
 
-`ray.init` lives only here; explain and export run on the driver without Ray.
+`ray.init` lives only here; report, explain and export run on the driver without Ray.
 
 Exit status 0 on success; on failure a one-line reason on stderr and status 1 (2 for bad usage).
 """
@@ -30,6 +31,7 @@ from brainray.config import (
     ExplainConfig,
     ExportConfig,
     PreprocessConfig,
+    ReportConfig,
     ScoreConfig,
     SearchConfig,
     TrainConfig,
@@ -345,6 +347,25 @@ def _score_parser(sub) -> None:
     _add_storage_flags(p)
 
 
+def _report_parser(sub) -> None:
+    p = _command(sub, "report", "one HTML page about a scoring output",
+                 "Write one self-contained HTML page about the output of `brainray score` "
+                 "(open\nit in any browser or mail it): rows per predicted class, review and\n"
+                 "out-of-distribution rates, error reasons with counts, a confidence histogram\n"
+                 "and every committed run. Only committed rows are read (the files that\n"
+                 "<output>/_manifest.json names), so a run still scoring is not counted. Runs\n"
+                 "here, without Ray.",
+                 "  brainray report s3://my-bucket/scores          # writes "
+                 "s3://my-bucket/scores/report.html\n"
+                 "  brainray report scores --out /tmp/scores-report.html\n")
+    p.add_argument("output", help="the scoring output (local path or s3://), as given to "
+                                  "`brainray score --output`")
+    p.add_argument("--out", default=None, metavar="URI",
+                   help="file URI for the page (local path or s3://; default: "
+                        "<output>/report.html)")
+    _add_storage_flags(p)
+
+
 def _explain_parser(sub) -> None:
     p = _command(sub, "explain", "Grad-CAM heatmap overlays (PNG) for chosen images",
                  "Write, per image, a PNG of the input beside its Grad-CAM heatmap (where the "
@@ -400,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tune_parser(sub)
     _evaluate_parser(sub)
     _score_parser(sub)
+    _report_parser(sub)
     _explain_parser(sub)
     _export_parser(sub)
     return parser
@@ -483,6 +505,10 @@ def score_config(args) -> ScoreConfig:
         explain_review_dir=args.explain_review_dir)
 
 
+def report_config(args) -> ReportConfig:
+    return ReportConfig(output=args.output, out=args.out, storage=_storage(args))
+
+
 def explain_config(args) -> ExplainConfig:
     return ExplainConfig(model=args.model, inputs=tuple(args.inputs), output=args.output,
                          target_class=args.target_class, max_images=args.max_images,
@@ -495,9 +521,10 @@ def export_config(args) -> ExportConfig:
 
 
 _CONFIGS = {"train": train_config, "tune": search_config, "evaluate": eval_config,
-            "score": score_config, "explain": explain_config, "export": export_config}
+            "score": score_config, "report": report_config, "explain": explain_config,
+            "export": export_config}
 # Commands that run on the driver alone: no Ray cluster is started or joined.
-_WITHOUT_RAY = ("explain", "export")
+_WITHOUT_RAY = ("report", "explain", "export")
 
 
 def _run_job(command: str, config) -> None:
@@ -513,6 +540,10 @@ def _run_job(command: str, config) -> None:
         from brainray.evaluate import run_evaluation
 
         run_evaluation(config)
+    elif command == "report":
+        from brainray.score_report import run_report
+
+        run_report(config)
     elif command == "explain":
         from brainray.explain import run_explain
 

@@ -351,6 +351,19 @@ class ExportConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """The HTML page of a scoring output (`brainray report`; runs on the driver, no Ray)."""
+
+    output: str  # the scoring output (brainray.publish's layout)
+    out: str | None = None  # file URI of the page; None = <output>/report.html
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("give the scoring output to report on")
+
+
 def to_dict(config) -> dict:
     """Plain-JSON view of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

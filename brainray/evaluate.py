@@ -1,5 +1,5 @@
-"""`brainray evaluate`: a checkpoint on labeled data, with the same metrics, plots and report as
-the test split of a training run (brainray.report)."""
+"""`brainray evaluate`: a checkpoint on labeled data, with the same metrics, plots and report
+(report.html included) as the test split of a training run (brainray.report)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ from brainray.config import COL_ERROR, COL_PATH, EvalConfig, to_dict
 from brainray.console import say
 from brainray.data import load_labeled
 from brainray.predict import predict_labeled
-from brainray.report import compute_metrics, predictions_table, skipped_files, write_report
+from brainray.report import (
+    compute_metrics,
+    mistake_gallery,
+    predictions_table,
+    skipped_files,
+    write_html_report,
+    write_report,
+)
 from brainray.shortcut import run_shortcut_check
 
 
@@ -33,14 +40,17 @@ def run_evaluation(config: EvalConfig) -> dict:
     predictions = predict_labeled(labeled.dataset, usable, model_uri, options, config.batch_size,
                                   config.num_actors, config.use_gpu)
     test = compute_metrics(predictions, classes)
-    report = {**test, "model_id": checkpoint["model_id"], "model": storage.redact(model_uri),
+    report = {**test, "model_id": checkpoint["model_id"], "model_name": checkpoint["model_name"],
+              "model": storage.redact(model_uri),
               "data": storage.redact(config.data), "skipped_files": skipped_files(labeled.index),
               "config": to_dict(config), "temperature": temperature_of(checkpoint)}
     if config.shortcut_check:
         report["shortcut"] = run_shortcut_check(
             labeled.dataset, usable, model_uri, options, classes, predictions, config.batch_size,
             config.num_actors, config.use_gpu)
-    write_report(config.output, report, options, predictions_table(predictions, classes))
+    figures = write_report(config.output, report, options, predictions_table(predictions, classes))
+    write_html_report(config.output, report, figures, options,
+                      mistake_gallery(labeled.dataset, predictions, checkpoint))
     say(metric_fns.format_summary(test))
     if "shortcut" in report:
         shortcut = report["shortcut"]

@@ -138,10 +138,38 @@ def staging_uri(output: str, run_id: str) -> str:
     return storage.join(output, STAGING_DIR, run_id)
 
 
+def committed_runs(output: str, options: StorageOptions) -> list[dict]:
+    """The manifest's committed runs, oldest first: each a run's summary, its run_id, its file
+    names under scores/ and committed_at. Empty before the first commit."""
+    return _manifest(output, options)["runs"]
+
+
+def scores_uri(output: str, name: str) -> str:
+    return storage.join(output, SCORES_DIR, name)
+
+
 def published_files(output: str, options: StorageOptions) -> list[str]:
     """URIs of every committed Parquet file, oldest run first."""
-    return [storage.join(output, SCORES_DIR, name)
-            for run in _manifest(output, options)["runs"] for name in run["files"]]
+    return [scores_uri(output, name) for run in committed_runs(output, options)
+            for name in run["files"]]
+
+
+def read_columns(uri: str, columns: tuple[str, ...], options: StorageOptions) -> pa.Table:
+    """Only these columns of one published file; a column the file predates (columns are only
+    ever added) comes back as nulls."""
+    fs, path = storage.resolve(uri, options)
+    try:
+        with fs.open_input_file(path) as source:
+            parquet = pq.ParquetFile(source)
+            present = set(parquet.schema_arrow.names)
+            table = parquet.read(columns=[c for c in columns if c in present])
+    except OSError as exc:
+        raise storage.StorageError(f"cannot read the published file {storage.redact(uri)}: "
+                                   f"{exc}") from exc
+    for name in columns:
+        if name not in present:
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table.select(list(columns))
 
 
 def commit(output: str, run_id: str, options: StorageOptions) -> list[str]:
@@ -156,7 +184,7 @@ def commit(output: str, run_id: str, options: StorageOptions) -> list[str]:
     names = [f"part-{run_id}-{name}" for name in ready["files"]]
     for source, target in zip(ready["files"], names, strict=True):
         storage.copy_file(storage.join(staging, source),
-                          storage.join(output, SCORES_DIR, target), options)
+                          scores_uri(output, target), options)
     manifest = _manifest(output, options)
     if run_id not in {run["run_id"] for run in manifest["runs"]}:
         entry = {**ready, "run_id": run_id, "files": names,

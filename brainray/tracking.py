@@ -30,6 +30,7 @@ from brainray.checkpoint import (
 )
 from brainray.config import TrainConfig, to_dict
 from brainray.console import say
+from brainray.html_report import REPORT_FILE
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow_run.json"
@@ -38,8 +39,8 @@ EPOCH_SCALARS = (("train_loss", "loss/train"), ("val_loss", "loss/val"),
                  ("train_accuracy", "accuracy/train"), ("val_accuracy", "accuracy/val"),
                  ("lr", "lr"), ("images_per_s", "images_per_s"))
 FINAL_METRICS = ("accuracy", "macro_f1", "loss", "ece", "roc_auc")
-ARTIFACTS = (MODEL_FILE, METRICS_FILE, MODEL_CARD_FILE, CONFUSION_PNG, ACCURACY_PNG, LOSS_PNG,
-             RELIABILITY_PNG, COVERAGE_PNG)
+ARTIFACTS = (MODEL_FILE, METRICS_FILE, MODEL_CARD_FILE, REPORT_FILE, CONFUSION_PNG, ACCURACY_PNG,
+             LOSS_PNG, RELIABILITY_PNG, COVERAGE_PNG)
 
 
 def _flatten(prefix: str, value, out: dict) -> dict:

@@ -1,7 +1,8 @@
 """The training job: read and split the data, run the TorchTrainer, write the run report.
 
 A run directory (local or s3://) ends up holding: config.json, split.parquet, the Ray Train
-checkpoints, model.pt (the best model), metrics.json, predictions.parquet and the PNG plots.
+checkpoints, model.pt (the best model), metrics.json, predictions.parquet, the PNG plots,
+MODEL_CARD.md and report.html.
 """
 
 from __future__ import annotations
@@ -55,7 +56,14 @@ from brainray.data import (
 from brainray.model import count_parameters
 from brainray.model_card import render_model_card
 from brainray.predict import predict_labeled
-from brainray.report import compute_metrics, predictions_table, skipped_files, write_report
+from brainray.report import (
+    compute_metrics,
+    mistake_gallery,
+    predictions_table,
+    skipped_files,
+    write_html_report,
+    write_report,
+)
 from brainray.tracking import RunTracker
 from brainray.train_loop import train_loop_per_worker
 
@@ -166,15 +174,16 @@ def _best_model(result, config: TrainConfig) -> tuple[dict, dict]:
 
 def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.DataFrame,
                          checkpoint: dict
-                         ) -> tuple[pd.DataFrame, dict, dict]:
+                         ) -> tuple[pd.DataFrame, dict, dict, dict[str, bytes]]:
     """Temperature scaling and the review threshold (fitted on validation, reported on test) and
-    the OOD reference (training images); model.pt is rewritten with them, same model_id.
+    the OOD reference (training images); model.pt is rewritten with them, same model_id. Also
+    returns the reliability and coverage PNGs written, by file name.
 
     A failure here is reported in metrics.json and leaves the uncalibrated model in place: it
     never throws away a finished training run.
     """
     options, model_uri = config.storage, storage.join(config.run_dir, MODEL_FILE)
-    fields, report = {}, {}
+    fields, report, figures = {}, {}, {}
     try:
         val_predictions = predict_labeled(splits["val"], None, model_uri, options,
                                           use_gpu=config.use_gpu)
@@ -183,10 +192,9 @@ def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.Data
         report.update(result.report)
         fields.update(temperature=result.temperature, review_threshold=result.review_threshold,
                       calibration=result.report)
-        storage.write_bytes(storage.join(config.run_dir, RELIABILITY_PNG),
-                            result.reliability_png, options)
-        storage.write_bytes(storage.join(config.run_dir, COVERAGE_PNG), result.coverage_png,
-                            options)
+        figures = {RELIABILITY_PNG: result.reliability_png, COVERAGE_PNG: result.coverage_png}
+        for name, png in figures.items():
+            storage.write_bytes(storage.join(config.run_dir, name), png, options)
         cal, abst = result.report["calibration"], result.report["abstention"]
         say(f"calibration: temperature {cal['temperature']:.3f}; test ECE "
               f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} "
@@ -204,7 +212,7 @@ def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.Data
     if fields:
         checkpoint = with_fields(checkpoint, **fields)
         save_checkpoint(model_uri, checkpoint, options)
-    return predictions, checkpoint, report
+    return predictions, checkpoint, report, figures
 
 
 def _initial_weights(config: TrainConfig) -> tuple[object | None, dict | None]:
@@ -352,8 +360,8 @@ def _test_report(config: TrainConfig, data: PreparedData, result, wall_s: float)
     predictions = predict_labeled(test_source, test_paths,
                                   storage.join(config.run_dir, MODEL_FILE), config.storage,
                                   use_gpu=config.use_gpu)
-    predictions, checkpoint, trust_report = _calibrate_and_guard(config, data.splits,
-                                                                 predictions, checkpoint)
+    predictions, checkpoint, trust_report, trust_figures = _calibrate_and_guard(
+        config, data.splits, predictions, checkpoint)
     train_index = data.index[data.index[COL_SPLIT] == "train"]
     report = _report(config, checkpoint, loop_state, wall_s, {
         **compute_metrics(predictions, classes),
@@ -364,10 +372,12 @@ def _test_report(config: TrainConfig, data: PreparedData, result, wall_s: float)
         "skipped_files": skipped_files(data.labeled.index) + (
             skipped_files(data.held_out.index) if data.held_out is not None else []),
         **trust_report})
-    write_report(config.run_dir, report, config.storage, predictions_table(predictions, classes),
-                 report["history"])
+    figures = write_report(config.run_dir, report, config.storage,
+                           predictions_table(predictions, classes), report["history"])
     storage.write_text(storage.join(config.run_dir, MODEL_CARD_FILE), render_model_card(report),
                        config.storage)
+    write_html_report(config.run_dir, report, {**figures, **trust_figures}, config.storage,
+                      mistake_gallery(test_source, predictions, checkpoint))
     return report
 
 

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from brainray.checkpoint import METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE
 from brainray.config import TrainConfig
+from brainray.html_report import REPORT_FILE
 from brainray.tracking import MLFLOW_RUN_FILE, TENSORBOARD_DIR, RunTracker
 
 
@@ -37,7 +38,7 @@ def mlflow_store(tmp_path, monkeypatch):
 def _config(tmp_path, **fields) -> TrainConfig:
     run_dir = tmp_path / "run"
     for name, data in ((MODEL_FILE, b"weights"), (METRICS_FILE, b"{}"),
-                       (MODEL_CARD_FILE, b"# card")):
+                       (MODEL_CARD_FILE, b"# card"), (REPORT_FILE, b"<!DOCTYPE html>")):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_bytes(data)
     return TrainConfig(data="/d", run_dir=str(run_dir), **fields)
@@ -78,7 +79,7 @@ def test_an_mlflow_run_gets_params_epochs_test_metrics_and_files(tmp_path, mlflo
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 0.75)]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {MODEL_FILE, METRICS_FILE, MODEL_CARD_FILE} <= artifacts
+    assert {MODEL_FILE, METRICS_FILE, MODEL_CARD_FILE, REPORT_FILE} <= artifacts
 
 
 def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path, mlflow_store):
