@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib
 import os
 import sys
 import tempfile
@@ -206,6 +207,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    default=d["placement_strategy"].default,
                    help="how workers are placed over nodes: PACK fills nodes, SPREAD spreads "
                         "them, STRICT_SPREAD puts each on its own node")
+    t = p.add_argument_group("calibration and abstention")
+    t.add_argument("--target-accuracy", type=float, default=d["target_accuracy"].default,
+                   help="the review threshold stored with the model is the smallest calibrated "
+                        "confidence whose accepted validation images reach this accuracy")
+
+
+def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig.__dataclass_fields__
     k = p.add_argument_group("experiment tracking (TensorBoard events always go to "
                              "<run-dir>/tensorboard/)")
     k.add_argument("--mlflow-tracking-uri", default=None,
@@ -216,10 +225,6 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     k.add_argument("--mlflow-register-model", default=None, metavar="NAME",
                    help="also register model.pt as a version of this registered model, tagged "
                         "with the test metrics")
-    t = p.add_argument_group("calibration and abstention")
-    t.add_argument("--target-accuracy", type=float, default=d["target_accuracy"].default,
-                   help="the review threshold stored with the model is the smallest calibrated "
-                        "confidence whose accepted validation images reach this accuracy")
 
 
 def _train_parser(sub) -> None:
@@ -231,6 +236,7 @@ def _train_parser(sub) -> None:
     _add_data_flags(p)
     _add_recipe_flags(p)
     _add_run_flags(p)
+    _add_tracking_flags(p)
     _add_cluster_flags(p)
     _add_storage_flags(p)
 
@@ -527,35 +533,25 @@ _CONFIGS = {"train": train_config, "tune": search_config, "evaluate": eval_confi
 _WITHOUT_RAY = ("report", "explain", "export")
 
 
+# command -> (module, function) of the job. Imported when the command runs, not at import time,
+# so that `brainray --help` stays fast.
+_JOBS = {"train": ("brainray.train", "run_training"), "tune": ("brainray.search", "run_search"),
+         "evaluate": ("brainray.evaluate", "run_evaluation"),
+         "report": ("brainray.score_report", "run_report"),
+         "explain": ("brainray.explain", "run_explain"),
+         "export": ("brainray.export", "run_export"), "score": ("brainray.score", "run_scoring")}
+
+
+def _job_function(command: str):
+    """The job's entry function, its modules imported now. For Ray jobs this happens before Ray
+    starts: inside a `ray job submit` job Ray may unpack the working_dir again once the job's
+    first worker starts, and an import reaching into that folder at that moment fails."""
+    module, function = _JOBS[command]
+    return getattr(importlib.import_module(module), function)
+
+
 def _run_job(command: str, config) -> None:
-    if command == "train":
-        from brainray.train import run_training
-
-        run_training(config)
-    elif command == "tune":
-        from brainray.search import run_search
-
-        run_search(config)
-    elif command == "evaluate":
-        from brainray.evaluate import run_evaluation
-
-        run_evaluation(config)
-    elif command == "report":
-        from brainray.score_report import run_report
-
-        run_report(config)
-    elif command == "explain":
-        from brainray.explain import run_explain
-
-        run_explain(config)
-    elif command == "export":
-        from brainray.export import run_export
-
-        run_export(config)
-    else:
-        from brainray.score import run_scoring
-
-        run_scoring(config)
+    _job_function(command)(config)
 
 
 def init_ray(address: str | None, use_gpu: bool | None,
@@ -571,12 +567,27 @@ def init_ray(address: str | None, use_gpu: bool | None,
     if not ray.is_initialized():
         env_vars = {**worker_env_vars(), **(env_vars or {})}
         tune_this_process()
+        cwd = os.getcwd()
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), configure_logging=False,
                  runtime_env={"env_vars": env_vars} if env_vars else None)
+        _reenter(cwd)
     view = cluster.current_view()
     gpu = cluster.use_gpu(use_gpu, view)
     say(f"cluster: {view.alive_nodes} node(s) alive; {cluster.describe(view, gpu)}")
     return gpu, view
+
+
+def _reenter(cwd: str) -> None:
+    """Inside a Ray job, the job's runtime environment (our env_vars on top of the job's own) can
+    make Ray unpack the job's working_dir again, deleting and recreating the folder the driver
+    runs in: the process is then left in a deleted directory (os.getcwd() fails, as torch's
+    import does). Step back into the recreated one."""
+    try:
+        same = os.path.samestat(os.stat("."), os.stat(cwd))
+    except FileNotFoundError:
+        return
+    if not same:
+        os.chdir(cwd)
 
 
 def _output_uri(command: str, config) -> str:
@@ -687,6 +698,7 @@ def _run_ray_job(args, config) -> None:
     from brainray import storage
     from brainray.console import captured, say
 
+    job = _job_function(args.command)
     local_log, remote_log = _log_files(args.command, config, args.verbose)
     ours = not ray.is_initialized()  # a caller's Ray (a notebook, a test) is left running
     try:
@@ -697,7 +709,7 @@ def _run_ray_job(args, config) -> None:
                 gpu, view = init_ray(args.address, args.use_gpu, _job_env_vars(config))
                 config = dataclasses.replace(config, use_gpu=gpu)
                 check_paths_shared(args.command, config, view)
-                _run_job(args.command, config)
+                job(config)
             finally:
                 if ours:  # flushes the workers' last forwarded lines into the log, too
                     ray.shutdown()

@@ -294,9 +294,26 @@ def _fit(config: TrainConfig, splits: dict, n_train: int, initial_weights,
     try:
         with EventPump(events, _training_events(config, n_train, tracker)):
             result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        _raise_if_no_resources(exc, config)
+        raise
     finally:
         events.shutdown()
     return result, time.perf_counter() - started
+
+
+def _raise_if_no_resources(exc: Exception, config: TrainConfig) -> None:
+    """Ray Train's "worker group startup timed out" as what it means for this run."""
+    if "WorkerGroupStartupTimeoutError" not in repr(exc) and "timed out" not in str(exc).lower():
+        return
+    need = (f"{config.num_workers} worker(s) x {config.cpus_per_worker:g} CPU"
+            + (" + 1 GPU" if config.use_gpu else "")
+            + (f", {config.placement_strategy}" if config.placement_strategy != "PACK" else ""))
+    raise RuntimeError(
+        f"the training workers could not get their resources ({need}) within "
+        f"{config.resource_wait_s:g} s, {config.max_failures + 1} time(s): the cluster has no "
+        "room for them (a lost node, GPU nodes that did not start?); the run can be resumed "
+        "with the same --run-dir once it has") from exc
 
 
 def _test_set(config: TrainConfig, held_out: LabeledData | None, index: pd.DataFrame,

@@ -138,7 +138,8 @@ class RayNodes:
         from ray.util.state import list_nodes
 
         found = {}
-        for node in list_nodes(address=self.dashboard_url, detail=True, raise_on_missing_output=False):
+        for node in list_nodes(address=self.dashboard_url, detail=True,
+                               raise_on_missing_output=False):
             if node.state == "ALIVE":
                 for key in node.resources_total:
                     if key.startswith("node_"):
