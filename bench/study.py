@@ -26,44 +26,40 @@ DEFAULT_ROOT = "runs/study"
 # Flags every tricks row shares: EMA of the weights, label smoothing, flip TTA.
 TRICKS = ("--ema-decay", "0.998", "--label-smoothing", "0.1", "--tta", "hflip")
 
+
+def _bn(size: int = 128, epochs: int = 45, *extra: str, model: str = "bn_cnn",
+        lr: str = "2e-3", augment: str = "light") -> tuple[str, ...]:
+    """A study row's flags: the model at a size, cosine schedule without early stopping."""
+    return ("--model", model, "--image-size", str(size), "--augment", augment, "--lr", lr,
+            "--epochs", str(epochs), "--patience", str(epochs), *extra)
+
+
 # name -> flags after `brainray train --data ... --run-dir ...`. Rows that decide the default
 # come in seed pairs (_s0, _s1); --seed also changes the split, whose 1-NN baseline is reported.
 ROWS: dict[str, tuple[str, ...]] = {
     "bn128_e30": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
                   "2e-3", "--epochs", "30", "--patience", "10"),
-    "bn128_e45": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
-                  "2e-3", "--epochs", "45", "--patience", "45"),
-    "bn128_e45_tricks": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light",
-                         "--lr", "2e-3", "--epochs", "45", "--patience", "45", *TRICKS),
-    "res128_e45_tricks": ("--model", "res_cnn", "--image-size", "128", "--augment", "light",
-                          "--lr", "2e-3", "--epochs", "45", "--patience", "45", *TRICKS),
-    "bn160_e40_tricks": ("--model", "bn_cnn", "--image-size", "160", "--augment", "light",
-                         "--lr", "2e-3", "--epochs", "40", "--patience", "40", *TRICKS),
-    "bn128w48_e40_tricks": ("--model", "bn_cnn", "--width", "48", "--image-size", "128",
-                            "--augment", "light", "--lr", "2e-3", "--epochs", "40",
-                            "--patience", "40", *TRICKS),
-    "bn128_e45_tricks_medium": ("--model", "bn_cnn", "--image-size", "128", "--augment",
-                                "medium", "--lr", "2e-3", "--epochs", "45", "--patience", "45",
-                                *TRICKS),
-    "resnet18_128_e30_tricks": ("--model", "resnet18", "--image-size", "128", "--augment",
-                                "light", "--lr", "1e-3", "--epochs", "30", "--patience", "30",
-                                *TRICKS),
-    "bn128_e45_strict099": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light",
-                            "--lr", "2e-3", "--epochs", "45", "--patience", "45",
-                            "--dedup-min-similarity", "0.99"),
-    "bn128_e45_onecycle": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light",
-                           "--lr", "3e-3", "--epochs", "45", "--patience", "45",
-                           "--lr-schedule", "onecycle"),
-    "bn128_e45_adamw": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
-                        "2e-3", "--epochs", "45", "--patience", "45", "--optimizer", "adamw",
-                        "--weight-decay", "0.05"),
+    "bn128_e45": _bn(),
+    "bn128_e45_tricks": _bn(128, 45, *TRICKS),
+    "bn128_e45_ema": _bn(128, 45, "--ema-decay", "0.998"),
+    "bn128_e45_medium": _bn(128, 45, augment="medium"),
+    "bn128_e45_strict099": _bn(128, 45, "--dedup-min-similarity", "0.99"),
+    "bn128_e45_onecycle": _bn(128, 45, "--lr-schedule", "onecycle", lr="3e-3"),
+    "bn128_e45_adamw": _bn(128, 45, "--optimizer", "adamw", "--weight-decay", "0.05"),
+    "bn128w48_e40": _bn(128, 40, "--width", "48"),
+    "bn160_e40": _bn(160, 40),
+    "res128_e45": _bn(128, 45, model="res_cnn"),
+    "res128_e45_tricks": _bn(128, 45, *TRICKS, model="res_cnn"),
+    "bn160_e40_tricks": _bn(160, 40, *TRICKS),
+    "bn128w48_e40_tricks": _bn(128, 40, "--width", "48", *TRICKS),
+    "bn128_e45_tricks_medium": _bn(128, 45, *TRICKS, augment="medium"),
+    "resnet18_128_e30": _bn(128, 30, model="resnet18", lr="1e-3"),
+    "resnet18_128_e30_tricks": _bn(128, 30, *TRICKS, model="resnet18", lr="1e-3"),
     "paper": ("--recipe", "paper"),
     # DDP: the same 10-epoch recipe on 1 worker and on 2 (each with one of the two cores)
-    "ddp1_e10": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
-                 "2e-3", "--epochs", "10", "--patience", "10"),
-    "ddp2_e10": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
-                 "2e-3", "--epochs", "10", "--patience", "10", "--num-workers", "2",
-                 "--cpus-per-worker", "0.5", "--batch-size", "16"),
+    "ddp1_e10": _bn(128, 10),
+    "ddp2_e10": _bn(128, 10, "--num-workers", "2", "--cpus-per-worker", "0.5",
+                    "--batch-size", "16"),
 }
 
 

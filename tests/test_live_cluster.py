@@ -30,6 +30,7 @@ PROBE_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 420
 PER_CLASS = 8
 WORKER_NODES = ("node_a", "node_b")
+EPOCHS = 8  # long enough that the kill, soon after the first checkpoint, lands mid-run
 SPREAD = ["--num-workers", "2", "--placement-strategy", "STRICT_SPREAD", "--cpus-per-worker",
           "0.5", "--torch-threads", "1", "--no-gpu"]
 
@@ -158,17 +159,26 @@ def test_a_local_path_is_refused_on_the_multi_node_cluster(cluster, s3_bucket, s
         "files: use s3://")
 
 
+def _registered_checkpoints(s3, bucket: str, prefix: str) -> int:
+    """Checkpoints Ray Train has registered (its files appear in S3 before that)."""
+    try:
+        snapshot = _s3_json(s3, bucket, f"{prefix}/checkpoint_manager_snapshot.json")
+    except Exception:  # not written yet, or being rewritten
+        return 0
+    return len(snapshot.get("checkpoint_results", []))
+
+
 def _wait_for_checkpoint(s3, bucket: str, prefix: str, job_id: str, cluster) -> None:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard_url)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
-        if _keys(s3, bucket, f"{prefix}/checkpoint_"):
+        if _registered_checkpoints(s3, bucket, prefix):
             return
         assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)
         time.sleep(0.5)
-    pytest.fail("no checkpoint appeared")
+    pytest.fail("no checkpoint was registered")
 
 
 def _node_of_a_training_worker(cluster) -> str:
@@ -182,8 +192,10 @@ def _node_of_a_training_worker(cluster) -> str:
 def _train_until_killed(cluster, s3, bucket, endpoint, name: str, extra: list[str]):
     data_uri = upload_tree(s3, bucket, "d", tiny_dataset_files(per_class=6))
     job = _submit(cluster, ["python", "-m", "jobs.train", "--data", data_uri, "--run-dir",
-                            f"s3://{bucket}/runs/{name}", "--epochs", "12", "--image-size", "64",
-                            "--batch-size", "8", *SPREAD, *extra, *_s3(endpoint)])
+                            f"s3://{bucket}/runs/{name}", "--epochs", str(EPOCHS),
+                            "--image-size", "64",
+                            "--batch-size", "8", "--patience", str(EPOCHS), *SPREAD, *extra,
+                            *_s3(endpoint)])
     _wait_for_checkpoint(s3, bucket, f"runs/{name}", job, cluster)
     split = s3.get_object(Bucket=bucket, Key=f"runs/{name}/split.parquet")["Body"].read()
     victim = _node_of_a_training_worker(cluster)
@@ -193,7 +205,7 @@ def _train_until_killed(cluster, s3, bucket, endpoint, name: str, extra: list[st
 
 def test_training_survives_losing_a_node_and_resumes_from_the_checkpoint(
         cluster, s3_bucket, s3_endpoint):
-    # Given a 12-epoch run whose two workers sit on the two worker nodes
+    # Given an 8-epoch run whose two workers sit on the two worker nodes
     s3, bucket = s3_bucket
     # When, after its first checkpoint, the node of one worker is killed and a new node joins
     job, split, killed_at = _train_until_killed(cluster, s3, bucket, s3_endpoint, "lost",
@@ -204,7 +216,7 @@ def test_training_survives_losing_a_node_and_resumes_from_the_checkpoint(
     # same split
     assert status == "SUCCEEDED", logs[-3000:]
     metrics = _s3_json(s3, bucket, "runs/lost/metrics.json")
-    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 13))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
     assert len(metrics["resumed_at_epochs"]) >= 1
     assert s3.get_object(Bucket=bucket, Key="runs/lost/split.parquet")["Body"].read() == split
     resumed = metrics["history"][metrics["resumed_at_epochs"][0] - 1]["epoch_seconds"]
