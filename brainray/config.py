@@ -102,7 +102,7 @@ class StorageOptions:
 # early stopping.
 RECIPES: dict[str, dict] = {
     "default": {"model": "bn_cnn", "image_size": 128, "width": None, "depth": None,
-                "augment": "light", "epochs": 30, "patience": 10, "batch_size_per_worker": 32,
+                "augment": "light", "epochs": 45, "patience": 15, "batch_size_per_worker": 32,
                 "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "warmup_epochs": 1,
                 "lr_schedule": "cosine", "label_smoothing": 0.0, "ema_decay": 0.0,
                 "tta": "none"},
