@@ -349,6 +349,9 @@ def _score_parser(sub) -> None:
                         "fewer, fuller tasks)")
     p.add_argument("--rows-per-file", type=int, default=d["rows_per_file"].default,
                    help="target rows per output Parquet file")
+    p.add_argument("--lease-ttl-s", type=float, default=d["lease_ttl_s"].default,
+                   help="a run holds the output for this long past its last renewal (every "
+                        "third of it): a run that dies frees the output after at most this")
     _add_cluster_flags(p)
     _add_storage_flags(p)
 
@@ -507,7 +510,7 @@ def score_config(args) -> ScoreConfig:
         num_gpus_per_actor=args.num_gpus_per_actor, threads_per_actor=args.threads_per_actor,
         confidence_threshold=args.confidence_threshold, incremental=args.incremental,
         files_per_task=args.files_per_task, rows_per_file=args.rows_per_file,
-        storage=_storage(args), ood_check=args.ood_check,
+        storage=_storage(args), ood_check=args.ood_check, lease_ttl_s=args.lease_ttl_s,
         explain_review_dir=args.explain_review_dir)
 
 

@@ -310,6 +310,8 @@ class ScoreConfig:
     max_file_bytes: int = 2 * 1024**3  # larger files become error rows, unread
     storage: StorageOptions = field(default_factory=StorageOptions)
     ood_check: bool = True  # flag inputs that are clearly not brain MRI (brainray.ood)
+    # a run holds the output's lease (brainray.lease) for this long past its last renewal
+    lease_ttl_s: float = 300.0
     explain_review_dir: str | None = None  # Grad-CAM overlays of needs_review rows go here
 
     def __post_init__(self) -> None:
