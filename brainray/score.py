@@ -166,10 +166,11 @@ class Scorer:
     (`publish.output_table`) and review overlays (`explain.ReviewOverlays`) are later steps."""
 
     def __init__(self, model_uri: str, options: StorageOptions, use_gpu: bool,
-                 threshold: float | None, threads: int, ood_check: bool = True,
-                 keep_images: bool = False, events: Events | None = None):
+                 threshold: float | None, threads: int = 0, concurrency: int = 1,
+                 ood_check: bool = True, keep_images: bool = False,
+                 events: Events | None = None):
         if not use_gpu:
-            torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(actor_threads(threads, concurrency))
         self.predictor = Predictor(model_uri, options, use_gpu=use_gpu)
         # None: the review threshold stored in the checkpoint (chosen on validation), else 0.7
         self.threshold = review_threshold_of(
@@ -220,8 +221,12 @@ def _scorer_remote_args(config: ScoreConfig) -> dict:
     return {"max_concurrency": 2}
 
 
-def _actor_threads(config: ScoreConfig) -> int:
-    return config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.concurrency)
+def actor_threads(threads_per_actor: int, concurrency: int) -> int:
+    """Torch threads of a CPU scoring actor: as given, else its own node's cores shared among
+    the actors (read in the actor, on the node that runs it: the driver of a `ray job submit`
+    runs on the head, whose cores say nothing about the worker nodes')."""
+    cores = os.cpu_count() or 1
+    return threads_per_actor or max(1, cores // max(1, min(concurrency, cores)))
 
 
 class ScoringProgress:
@@ -304,7 +309,8 @@ def _scored(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri:
         .map_batches(Scorer, batch_size=config.batch_size,
                      fn_constructor_kwargs={
                          "model_uri": model_uri, "options": options, "use_gpu": config.use_gpu,
-                         "threshold": threshold, "threads": _actor_threads(config),
+                         "threshold": threshold, "threads": config.threads_per_actor,
+                         "concurrency": config.concurrency,
                          "ood_check": config.ood_check,
                          "keep_images": config.explain_review_dir is not None,
                          "events": events},

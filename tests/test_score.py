@@ -346,3 +346,13 @@ def test_no_ood_check_writes_null_not_false(ray_cluster, checkpoint_path, tmp_pa
     output = tmp_path / "out"
     assert _score(checkpoint_path, [root], output, "--no-ood-check") == 0
     assert _read_scores(output).out_of_distribution.isna().all()
+
+
+def test_a_cpu_scoring_actor_takes_its_threads_from_the_node_it_runs_on(monkeypatch):
+    # Given actors on a 16-core node and on a 2-core node (the driver's cores do not matter)
+    from brainray import score
+
+    for cores, concurrency, expected in ((16, 4, 4), (2, 1, 2), (2, 4, 1), (16, 1, 16)):
+        monkeypatch.setattr(score.os, "cpu_count", lambda c=cores: c)
+        assert score.actor_threads(0, concurrency) == expected
+    assert score.actor_threads(3, 4) == 3  # --threads-per-actor wins
