@@ -4,8 +4,8 @@
     python -m bench.time_to_accuracy --run-dir runs/tta             # trains, then reports
     python -m bench.time_to_accuracy --run-dir runs/bn_light        # reports a finished run
 
-Training runs the recipe given by the flags (default: the best found so far, bn_cnn with light
-augmentation). Test accuracy is measured once, on the best checkpoint, as `brainray train` does;
+Training runs brainray's default recipe (brainray.config.RECIPES["default"]); --epochs and
+--seed override it. Test accuracy is measured once, on the best checkpoint, as `brainray train` does;
 validation accuracy per epoch against elapsed training time shows when the plateau is reached.
 This takes 20-40 minutes on 2 cores, so the suite runs it only with --time-to-accuracy.
 """
@@ -52,11 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="../shared/data/brain-tumor-mri/Training")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--target", type=float, default=PAPER_ACCURACY)
-    parser.add_argument("--model", default="bn_cnn", choices=["paper_cnn", "bn_cnn"])
-    parser.add_argument("--augment", default="light")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--patience", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     metrics_uri = storage.join(args.run_dir, "metrics.json")
     if not storage.exists(metrics_uri, StorageOptions()):
@@ -68,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         init_ray(None, use_gpu=False)
         try:
             run_training(TrainConfig(data=os.path.abspath(args.data), run_dir=args.run_dir,
-                                     model=args.model, augment=args.augment, lr=args.lr,
-                                     epochs=args.epochs, patience=args.patience))
+                                     epochs=args.epochs, seed=args.seed))
         finally:
             ray.shutdown()
     result = report(storage.read_json(metrics_uri, StorageOptions()), args.target)

@@ -2,12 +2,16 @@
 
 Layout under the output URI:
   scores/part-<run>-*.parquet    the published dataset (read this folder)
+  _manifest.json                 committed runs, their files and the current index: the commit point
+  _index/keys-<run>.parquet      what the output has scored (brainray.scored_index)
   _staging/<run>/                a run's files while it scores; `_READY` once complete
-  _manifest.json                 committed runs and their files: the commit point
+  _lease.json                    the run that holds the output (brainray.lease)
   _SUCCESS                       the last committed run, for schedulers that wait on a marker
-A run is committed when `_manifest.json` (one atomic object write) names it. A crash before
-`_READY` leaves staging that the next run deletes (its inputs are scored again); a crash after it
-is rolled forward by the next run (same file names, so nothing is duplicated).
+A run's files reach scores/ under hidden pending names first; the run is committed when
+`_manifest.json` names it (a conditional write: only if unchanged since read), and only then are
+its files renamed to their final names. `recover` finishes or discards, at every step, what a
+crashed run left. `_step` names each storage operation, so a test can SIGKILL the process just
+before it (BRAINRAY_TEST_KILL_BEFORE).
 """
 
 from __future__ import annotations
