@@ -227,12 +227,12 @@ def _items(files: list[str], options: StorageOptions, limits: SourceLimits):
     file."""
     for uri in files:
         try:
-            items = expand(uri, storage.read_bytes(uri, options), limits)
+            # seekable, so a zip works too; images are yielded as they are decoded
+            with storage.open_seekable(uri, options) as source:
+                for item in expand(uri, source, limits):
+                    yield uri, item
         except storage.StorageError as exc:
             yield uri, {"uri": uri, "error": str(exc)}
-            continue
-        for item in items:
-            yield uri, item
 
 
 def run_explain(config: ExplainConfig) -> dict:

@@ -34,7 +34,8 @@ IMAGE_SIZE = 32
 COLUMNS = ["uri", "member", "frame", "content_sha256", "predicted_label", "confidence",
            *[f"prob_{c}" for c in DEFAULT_CLASSES], "needs_review", "model_id", "model_name",
            "scored_at", "status", "error", "source_size", "source_mtime_ns", "run_id",
-           "out_of_distribution"]
+           "out_of_distribution", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+           "modality", "series_description", "instance_number"]
 
 
 @pytest.fixture(scope="module")
