@@ -37,6 +37,7 @@ def _bn(size: int = 128, epochs: int = 45, *extra: str, model: str = "bn_cnn",
 # name -> flags after `brainray train --data ... --run-dir ...`. Rows that decide the default
 # come in seed pairs (_s0, _s1); --seed also changes the split, whose 1-NN baseline is reported.
 ROWS: dict[str, tuple[str, ...]] = {
+    "default": (),  # `brainray train` with no flags: the default recipe
     "bn128_e30": ("--model", "bn_cnn", "--image-size", "128", "--augment", "light", "--lr",
                   "2e-3", "--epochs", "30", "--patience", "10"),
     "bn128_e45": _bn(),

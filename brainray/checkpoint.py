@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 
 import torch
@@ -48,17 +49,32 @@ def weights_id(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Everything besides the weights that changes what a model outputs for an image: a model_id
+# covers them all, so recalibrating (or any of these) makes a new model identity, and scoring
+# never takes rows of the old one for rows of the new.
+IDENTITY_FIELDS = ("model_name", "architecture", "classes", "preprocess", "temperature",
+                   "review_threshold", "ood_reference", "test_time_augmentation")
+
+
+def model_identity(checkpoint: dict) -> str:
+    """The model_id of a checkpoint: a hash of its weights_id and its IDENTITY_FIELDS."""
+    described = {k: checkpoint.get(k) for k in IDENTITY_FIELDS}
+    text = json.dumps({"weights_id": checkpoint["weights_id"], **described}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def make_checkpoint(model: nn.Module, *, model_name: str, classes: list[str] | tuple[str, ...],
                     preprocess: PreprocessConfig, config: dict, metrics: dict,
                     epoch: int, architecture: dict | None = None, **fields) -> dict:
     """`fields`: further plain values (test_time_augmentation, initial_weights, ...)."""
     state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-    return {
+    checkpoint = {
         **fields,
         "format": CHECKPOINT_FORMAT,
         "model_name": model_name,
         "architecture": check_architecture(model_name, architecture),
-        "model_id": weights_id(state),
+        "weights_id": weights_id(state),
         "classes": list(classes),
         "preprocess": {"image_size": preprocess.image_size,
                        "max_image_pixels": preprocess.max_image_pixels},
@@ -67,6 +83,7 @@ def make_checkpoint(model: nn.Module, *, model_name: str, classes: list[str] | t
         "epoch": epoch,
         "state_dict": state,
     }
+    return {**checkpoint, "model_id": model_identity(checkpoint)}
 
 
 def serialize(checkpoint: dict) -> bytes:
@@ -98,9 +115,23 @@ def deserialize(data: bytes, source: str = "checkpoint",
     if expected_classes is not None and list(expected_classes) != checkpoint["classes"]:
         raise CheckpointError(f"{source} was trained on classes {checkpoint['classes']}, "
                               f"not {list(expected_classes)}")
-    if weights_id(checkpoint["state_dict"]) != checkpoint["model_id"]:
-        raise CheckpointError(f"{source}: weights do not match their recorded model_id")
+    _check_identity(checkpoint, source)
     return checkpoint
+
+
+def _check_identity(checkpoint: dict, source: str) -> None:
+    """The weights match their recorded hash and model_id matches what it covers. Checkpoints
+    from before weights_id existed had model_id = the weights' hash, and are read as such."""
+    weights = weights_id(checkpoint["state_dict"])
+    if "weights_id" not in checkpoint:
+        if weights != checkpoint["model_id"]:
+            raise CheckpointError(f"{source}: weights do not match their recorded model_id")
+        return
+    if weights != checkpoint["weights_id"]:
+        raise CheckpointError(f"{source}: weights do not match their recorded weights_id")
+    if model_identity(checkpoint) != checkpoint["model_id"]:
+        raise CheckpointError(f"{source}: model_id does not match the weights, calibration "
+                              "and preprocessing it records")
 
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
@@ -148,9 +179,12 @@ def review_threshold_of(checkpoint: dict, explicit: float | None = None) -> floa
 
 
 def with_fields(checkpoint: dict, **fields) -> dict:
-    """A copy with extra plain-value fields (temperature, review_threshold, ...). The weights and
-    so `model_id` are unchanged: calibration does not make a new model identity."""
-    return {**checkpoint, **fields}
+    """A copy with extra plain-value fields (temperature, review_threshold, ...), and the
+    model_id they make: calibration is part of what a model outputs. A checkpoint from before
+    weights_id existed gets one (its old model_id was the weights' hash)."""
+    updated = {**checkpoint, **fields}
+    updated.setdefault("weights_id", weights_id(updated["state_dict"]))
+    return {**updated, "model_id": model_identity(updated)}
 
 
 def locate_checkpoint(model_uri: str, options: StorageOptions) -> str:

@@ -196,6 +196,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="Ray Train (DDP) workers")
     c.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"].default,
                    help="CPUs reserved per worker; also its torch thread count")
+    c.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"].default,
+                   help="with GPUs: 1 per worker, or a fraction to put several on one GPU")
     c.add_argument("--torch-threads", type=int, default=d["torch_threads"].default,
                    help="intra-op threads per worker; 0 = the node's cores / its workers")
     c.add_argument("--max-failures", type=int, default=d["max_failures"].default,
@@ -349,6 +351,9 @@ def _score_parser(sub) -> None:
                         "fewer, fuller tasks)")
     p.add_argument("--rows-per-file", type=int, default=d["rows_per_file"].default,
                    help="target rows per output Parquet file")
+    p.add_argument("--lease-ttl-s", type=float, default=d["lease_ttl_s"].default,
+                   help="a run holds the output for this long past its last renewal (every "
+                        "third of it): a run that dies frees the output after at most this")
     _add_cluster_flags(p)
     _add_storage_flags(p)
 
@@ -463,8 +468,8 @@ def train_config(args) -> TrainConfig:
         recipe=args.recipe, **recipe, weights=args.weights,
         backbone_lr_factor=args.backbone_lr_factor, shuffle_buffer_images=args.shuffle_buffer,
         num_workers=args.num_workers, use_gpu=bool(args.use_gpu),
-        cpus_per_worker=args.cpus_per_worker, torch_threads=args.torch_threads,
-        precision=args.precision, seed=args.seed,
+        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        torch_threads=args.torch_threads, precision=args.precision, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         dedup_max_hamming=args.dedup_max_hamming,
         dedup_min_similarity=args.dedup_min_similarity, max_failures=args.max_failures,
@@ -507,7 +512,7 @@ def score_config(args) -> ScoreConfig:
         num_gpus_per_actor=args.num_gpus_per_actor, threads_per_actor=args.threads_per_actor,
         confidence_threshold=args.confidence_threshold, incremental=args.incremental,
         files_per_task=args.files_per_task, rows_per_file=args.rows_per_file,
-        storage=_storage(args), ood_check=args.ood_check,
+        storage=_storage(args), ood_check=args.ood_check, lease_ttl_s=args.lease_ttl_s,
         explain_review_dir=args.explain_review_dir)
 
 

@@ -102,7 +102,7 @@ class StorageOptions:
 # early stopping.
 RECIPES: dict[str, dict] = {
     "default": {"model": "bn_cnn", "image_size": 128, "width": None, "depth": None,
-                "augment": "light", "epochs": 30, "patience": 10, "batch_size_per_worker": 32,
+                "augment": "light", "epochs": 45, "patience": 15, "batch_size_per_worker": 32,
                 "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "warmup_epochs": 1,
                 "lr_schedule": "cosine", "label_smoothing": 0.0, "ema_decay": 0.0,
                 "tta": "none"},
@@ -153,6 +153,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; 0.5 puts two workers on one GPU
     torch_threads: int = 0  # 0 = auto: the node's cores shared among its workers
     precision: str = "auto"  # brainray.precision: fp16 AMP on GPU, fp32 on CPU
     seed: int = 0
@@ -203,6 +204,7 @@ class TrainConfig:
             (0 <= self.dedup_min_similarity <= 1, "dedup min similarity must be in [0, 1]"),
             (self.warmup_epochs >= 0, "warmup epochs must be >= 0"),
             (self.resource_wait_s > 0, "resource wait must be > 0 seconds"),
+            (0 < self.gpus_per_worker <= 8, "GPUs per worker must be in (0, 8]"),
             (self.placement_strategy in PLACEMENT_STRATEGIES,
              f"placement strategy must be one of {PLACEMENT_STRATEGIES}"),
             (self.mlflow_registered_model is None or self.mlflow_tracking_uri is not None,
@@ -310,6 +312,8 @@ class ScoreConfig:
     max_file_bytes: int = 2 * 1024**3  # larger files become error rows, unread
     storage: StorageOptions = field(default_factory=StorageOptions)
     ood_check: bool = True  # flag inputs that are clearly not brain MRI (brainray.ood)
+    # a run holds the output's lease (brainray.lease) for this long past its last renewal
+    lease_ttl_s: float = 300.0
     explain_review_dir: str | None = None  # Grad-CAM overlays of needs_review rows go here
 
     def __post_init__(self) -> None:

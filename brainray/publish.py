@@ -13,15 +13,23 @@ is rolled forward by the next run (same file names, so nothing is duplicated).
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import signal
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from brainray import storage
+from brainray import scored_index, storage
 from brainray.config import StorageOptions
 
+# The published schema's version, in every file's metadata and in the manifest: a run refuses
+# to add rows to an output another version wrote. 3: + DICOM identifiers; a nullable
+# out_of_distribution (null with --no-ood-check).
+SCHEMA_VERSION = 3
+SCHEMA_VERSION_KEY = b"brainray.schema_version"
 STATUS_OK, STATUS_ERROR = "ok", "error"
 PROB_PREFIX = "prob_"
 # The published columns, in order; documented in the README. Columns are only ever added.
@@ -63,7 +71,8 @@ def output_schema(classes: list[str]) -> pa.Schema:
            pa.field(COL_STUDY_UID, pa.string()), pa.field(COL_SERIES_UID, pa.string()),
            pa.field(COL_SOP_UID, pa.string()), pa.field(COL_MODALITY, pa.string()),
            pa.field(COL_SERIES_DESCRIPTION, pa.string()),
-           pa.field(COL_INSTANCE_NUMBER, pa.int32())])
+           pa.field(COL_INSTANCE_NUMBER, pa.int32())],
+        metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
 def _is_missing(value) -> bool:
@@ -102,7 +111,7 @@ def output_table(batch: dict[str, np.ndarray], *, classes: list[str], model_id: 
         COL_SCORED_AT: [dt.datetime.now(dt.UTC)] * n,
         **{k: batch[k] for k in (COL_STATUS, COL_ERROR, COL_SOURCE_SIZE, COL_SOURCE_MTIME)},
         COL_RUN_ID: [run_id] * n,
-        COL_OOD: _where_ok(batch[COL_OOD], ok, bool),
+        COL_OOD: _where_ok(batch[COL_OOD], ok, lambda f: None if f is None else bool(f)),
         # batches from before the DICOM columns (tests, older callers) have none: nulls
         **{k: batch[k] if k in batch else [None] * n for k in DICOM_COLUMNS},
     }
@@ -124,28 +133,35 @@ def summarize(staging: str, options: StorageOptions, threshold: float) -> dict:
             "confidence_threshold": threshold}
 
 
-def published_classes(output: str, options: StorageOptions) -> list[str] | None:
-    """The classes of the probability columns already published; None before the first run."""
-    files = published_files(output, options)
-    if not files:
-        return None
-    fs, path = storage.resolve(files[-1], options)
-    names = pq.read_schema(path, filesystem=fs).names
-    return [name.removeprefix(PROB_PREFIX) for name in names if name.startswith(PROB_PREFIX)]
-
-
 SCORES_DIR = "scores"
 STAGING_DIR = "_staging"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 READY = "_READY"
+MANIFEST_FORMAT = "brainray-scores-v2"
+# A file copied into scores/ before its run is committed: hidden from pyarrow, pandas and Spark
+# (leading dot) and from `read_parquet('scores/*.parquet')` globs (duckdb: not .parquet).
+PENDING_PREFIX, PENDING_SUFFIX = ".pending-", ".parquet.tmp"
+# For crash tests: the process SIGKILLs itself just before the commit step of this name
+# (e.g. "manifest", "publish 1"), as a machine that dies there would.
+KILL_BEFORE_ENV = "BRAINRAY_TEST_KILL_BEFORE"
 
 
-def _manifest(output: str, options: StorageOptions) -> dict:
-    uri = storage.join(output, MANIFEST)
-    if not storage.exists(uri, options):
-        return {"format": "brainray-scores-v1", "runs": []}
-    return storage.read_json(uri, options)
+def _step(name: str) -> None:
+    if os.environ.get(KILL_BEFORE_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _empty_manifest() -> dict:
+    return {"format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION, "runs": []}
+
+
+def _manifest(output: str, options: StorageOptions) -> tuple[dict, str | None]:
+    """The manifest and its version tag (None before the first commit)."""
+    found = storage.read_versioned(storage.join(output, MANIFEST), options)
+    if found is None:
+        return _empty_manifest(), None
+    return json.loads(found[0]), found[1]
 
 
 def staging_uri(output: str, run_id: str) -> str:
@@ -155,7 +171,7 @@ def staging_uri(output: str, run_id: str) -> str:
 def committed_runs(output: str, options: StorageOptions) -> list[dict]:
     """The manifest's committed runs, oldest first: each a run's summary, its run_id, its file
     names under scores/ and committed_at. Empty before the first commit."""
-    return _manifest(output, options)["runs"]
+    return _manifest(output, options)[0]["runs"]
 
 
 def scores_uri(output: str, name: str) -> str:
@@ -186,64 +202,155 @@ def read_columns(uri: str, columns: tuple[str, ...], options: StorageOptions) ->
     return table.select(list(columns))
 
 
-def commit(output: str, run_id: str, options: StorageOptions) -> list[str]:
-    """Copy a READY staging dir into scores/ and commit it in the manifest (idempotent).
+def check_compatible(output: str, classes: list[str], options: StorageOptions) -> None:
+    """Refuse, before any work, to add rows to an output whose files another schema version or
+    another set of classes wrote: one dataset must read as one table."""
+    manifest, _ = _manifest(output, options)
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get(
+            "schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{storage.redact(output)} was written by another brainray version (manifest "
+            f"{manifest.get('format')}, schema {manifest.get('schema_version', 'unknown')}; "
+            f"this one writes {MANIFEST_FORMAT}, schema {SCHEMA_VERSION}): score into a new "
+            "--output")
+    published = manifest.get("classes")
+    if manifest["runs"] and published != list(classes):
+        raise ValueError(f"{storage.redact(output)} holds scores for classes {published}, but "
+                         f"the model was trained on {list(classes)}; score into another --output")
 
-    The manifest write is the commit point: what fails after it (the _SUCCESS marker, deleting
-    the staging folder) does not undo the commit, so it is returned as a warning, and the next
-    run's `recover` finishes it.
-    """
-    staging = staging_uri(output, run_id)
-    ready = storage.read_json(storage.join(staging, READY), options)
-    names = [f"part-{run_id}-{name}" for name in ready["files"]]
-    for source, target in zip(ready["files"], names, strict=True):
-        storage.copy_file(storage.join(staging, source),
-                          scores_uri(output, target), options)
-    manifest = _manifest(output, options)
-    if run_id not in {run["run_id"] for run in manifest["runs"]}:
-        entry = {**ready, "run_id": run_id, "files": names,
-                 "committed_at": dt.datetime.now(dt.UTC).isoformat()}
-        manifest["runs"].append(entry)
-        storage.write_json(storage.join(output, MANIFEST), manifest, options)
-    try:
-        storage.write_json(storage.join(output, SUCCESS), {"run_id": run_id}, options)
-        storage.delete_dir(staging, options)
-    except OSError as exc:  # StorageError included
-        return [f"warning: run {run_id} is committed, but cleaning up after it failed ({exc}); "
-                "the next run finishes it"]
-    return []
+
+def current_index(output: str, options: StorageOptions) -> str | None:
+    """The index file of what this output has scored (brainray.scored_index), by name."""
+    runs = committed_runs(output, options)
+    return runs[-1]["index"] if runs else None
 
 
 def mark_ready(output: str, run_id: str, summary: dict, options: StorageOptions) -> None:
-    """Record that the staged files are complete; from here on the run will be committed."""
+    """Record that the staged files are complete; from here on the run will be committed. The
+    summary must name the run's `scoring_key` and `classes` (the commit records both)."""
     staging = staging_uri(output, run_id)
     files = [name for name in storage.list_children(staging, options) if name.endswith(".parquet")]
     storage.write_json(storage.join(staging, READY), {**summary, "files": files}, options)
 
 
+def _final_name(run_id: str, staged: str) -> str:
+    return f"part-{run_id}-{staged}"
+
+
+def _pending_name(run_id: str, staged: str) -> str:
+    return f"{PENDING_PREFIX}{run_id}-{staged.removesuffix('.parquet')}{PENDING_SUFFIX}"
+
+
+def commit(output: str, run_id: str, options: StorageOptions) -> list[str]:
+    """Commit a READY staged run (idempotent: a crash at any step is finished by `recover`).
+
+    1. copy each staged file into scores/ under a hidden pending name;
+    2. write the next index (brainray.scored_index);
+    3. add the run to the manifest, only if it is unchanged since read: the commit point;
+    4. rename each pending file to its final name (readers see the run from here);
+    5. write _SUCCESS, delete the staging folder. What fails after 3 is a warning.
+    """
+    staging = staging_uri(output, run_id)
+    ready = storage.read_json(storage.join(staging, READY), options)
+    for i, staged in enumerate(ready["files"]):
+        _step(f"copy {i}")
+        storage.copy_file(storage.join(staging, staged),
+                          scores_uri(output, _pending_name(run_id, staged)), options)
+    manifest, version = _manifest(output, options)
+    if run_id not in {run["run_id"] for run in manifest["runs"]}:
+        _step("index")
+        index = scored_index.write_next(output, run_id, current_index(output, options), staging,
+                                        ready["scoring_key"], options)
+        _step("manifest")
+        _add_run(output, manifest, version, ready, run_id, index, options)
+    return _finish(output, run_id, ready["files"], options)
+
+
+def _add_run(output: str, manifest: dict, version: str | None, ready: dict, run_id: str,
+             index: str, options: StorageOptions) -> None:
+    entry = {**ready, "run_id": run_id, "index": index,
+             "files": [_final_name(run_id, f) for f in ready["files"]],
+             "committed_at": dt.datetime.now(dt.UTC).isoformat()}
+    manifest = {**manifest, "classes": ready["classes"], "runs": [*manifest["runs"], entry]}
+    try:
+        storage.write_versioned(storage.join(output, MANIFEST),
+                                json.dumps(manifest, indent=2, sort_keys=True).encode(), version,
+                                options)
+    except storage.PreconditionFailed as exc:
+        raise RuntimeError(f"another run committed to {storage.redact(output)} while this one "
+                           f"held its lease; run {run_id} is not committed and will be "
+                           "recovered by the next run") from exc
+
+
+def _finish(output: str, run_id: str, staged: list[str], options: StorageOptions) -> list[str]:
+    """Steps 4-5 of `commit`, for a committed run: nothing here can undo the commit."""
+    present = set(storage.list_children(storage.join(output, SCORES_DIR), options))
+    try:
+        for i, name in enumerate(staged):
+            final, pending = _final_name(run_id, name), _pending_name(run_id, name)
+            if final in present:
+                continue
+            _step(f"publish {i}")
+            if pending in present:
+                storage.move(scores_uri(output, pending), scores_uri(output, final), options)
+            else:  # killed before this file's copy: straight from staging
+                storage.copy_file(storage.join(staging_uri(output, run_id), name),
+                                  scores_uri(output, final), options)
+        _step("success")
+        storage.write_json(storage.join(output, SUCCESS), {"run_id": run_id}, options)
+        _delete_staging(output, run_id, options)
+    except OSError as exc:  # StorageError included
+        return [f"warning: run {run_id} is committed, but finishing it failed ({exc}); the "
+                "next run finishes it"]
+    return []
+
+
+def _delete_staging(output: str, run_id: str, options: StorageOptions) -> None:
+    """File by file (a crash can stop it anywhere: what is left is finished next time), READY
+    last, then the folder."""
+    staging = staging_uri(output, run_id)
+    names = sorted(storage.list_children(staging, options), key=lambda n: n == READY)
+    for i, name in enumerate(names):
+        _step(f"cleanup {i}")
+        storage.delete(storage.join(staging, name), options)
+    storage.delete_dir(staging, options)
+
+
 def recover(output: str, options: StorageOptions) -> list[str]:
-    """Finish or discard runs left by crashed jobs. Returns what was done, for the log."""
+    """Finish or discard what crashed runs left (the caller holds the output's lease, so no live
+    run is writing): committed runs are finished, READY runs committed, others discarded (their
+    images are scored again), and files no committed run names are swept. What was done, for
+    the log."""
     done = []
+    committed = {run["run_id"]: run for run in committed_runs(output, options)}
     for run_id in storage.list_children(storage.join(output, STAGING_DIR), options,
                                         folders=True):
         staging = staging_uri(output, run_id)
-        if storage.exists(storage.join(staging, READY), options):
-            warnings = commit(output, run_id, options)
-            done += [f"committed interrupted run {run_id}", *warnings]
+        if run_id in committed:
+            staged = [f.removeprefix(f"part-{run_id}-") for f in committed[run_id]["files"]]
+            done += [f"finished committed run {run_id}",
+                     *_finish(output, run_id, staged, options)]
+        elif storage.exists(storage.join(staging, READY), options):
+            done += [f"committed interrupted run {run_id}", *commit(output, run_id, options)]
         else:
             storage.delete_dir(staging, options)
             done.append(f"discarded incomplete run {run_id}; its images are scored again")
-    return done
+    return done + _sweep(output, options)
 
 
-def scored_keys(output: str, model_id: str, options: StorageOptions) -> set[tuple[str, int, int]]:
-    """(uri, size, mtime_ns) of every input already scored by this model in committed runs."""
-    keys: set[tuple[str, int, int]] = set()
-    for uri in published_files(output, options):
-        fs, path = storage.resolve(uri, options)
-        table = pq.read_table(path, filesystem=fs,
-                              columns=[COL_URI, COL_SOURCE_SIZE, COL_SOURCE_MTIME, COL_MODEL_ID])
-        columns = [table[c].to_pylist() for c in table.schema.names]
-        keys.update((uri, size, mtime) for uri, size, mtime, row_model in zip(*columns, strict=True)
-                    if row_model == model_id)
-    return keys
+def _sweep(output: str, options: StorageOptions) -> list[str]:
+    """Delete pending copies and temporary files in scores/, and index files, that no committed
+    run names (what a run killed before its commit point left)."""
+    runs = committed_runs(output, options)
+    kept = {name for run in runs for name in run["files"]}
+    index = runs[-1]["index"] if runs else None
+    swept = []
+    for name in storage.list_children(storage.join(output, SCORES_DIR), options):
+        if name not in kept and (name.startswith(PENDING_PREFIX) or ".tmp-" in name):
+            storage.delete(scores_uri(output, name), options)
+            swept.append(name)
+    for name in storage.list_children(storage.join(output, scored_index.INDEX_DIR), options):
+        if f"{scored_index.INDEX_DIR}/{name}" != index:
+            storage.delete(storage.join(output, scored_index.INDEX_DIR, name), options)
+            swept.append(f"{scored_index.INDEX_DIR}/{name}")
+    return [f"removed {len(swept)} leftover file(s) of crashed runs"] if swept else []

@@ -8,7 +8,9 @@ and committed atomically by `brainray.publish`.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
+import json
 import os
 import posixpath
 import time
@@ -23,7 +25,7 @@ import numpy as np
 import ray.data
 import torch
 
-from brainray import ood, publish, storage
+from brainray import lease, ood, publish, scored_index, storage
 from brainray.checkpoint import (
     load_checkpoint,
     locate_checkpoint,
@@ -172,7 +174,7 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
     rows, files_done = _empty_rows(), 0
     for uri, size, mtime in zip(batch["uri"], batch["size"], batch["mtime_ns"], strict=True):
         source = (display_uri(uri), int(size), int(mtime))
-        for item in _source_images(uri, int(size), options, limits, max_file_bytes):
+        for item in _source_images(uri, int(size), options, limits, max_file_bytes, events):
             _add_row(rows, source, item, preset)
             if len(rows[publish.COL_URI]) >= IMAGES_PER_BLOCK:
                 _send_files(events, files_done)
@@ -186,8 +188,9 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
 
 
 def _source_images(uri: str, size: int, options: StorageOptions, limits: SourceLimits,
-                   max_file_bytes: int) -> Iterator[SourceImage]:
-    """The file's images as they are decoded; a file that cannot be read is one error item."""
+                   max_file_bytes: int, events: Events | None) -> Iterator[SourceImage]:
+    """The file's images as they are decoded. An archive is streamed, so only other files are
+    held to `max_file_bytes`; the archive limits bound what an archive expands into."""
     if size > max_file_bytes and not is_archive(uri):
         yield _file_failure(f"file is {size} bytes, over the limit of {max_file_bytes}")
         return
@@ -202,7 +205,16 @@ def _source_images(uri: str, size: int, options: StorageOptions, limits: SourceL
         # next run retries) rather than record the file as scored.
         raise
     except storage.StorageError as exc:
-        yield _file_failure(_valid_utf8(str(exc)))
+        reason = _valid_utf8(str(exc))
+        if not found:
+            # Unreadable now (vanished since listing, permission denied) is not a property of
+            # the image: no row, so the next incremental run tries the file again.
+            _send_retry(events, display_uri(uri), reason)
+            return
+        # Part of a streamed archive is already in rows (perhaps in blocks sent on), and any
+        # row marks the file scored in the index: say that the rest is missing. A file replaced
+        # while read has a new size or mtime, so the next run scores it again anyway.
+        yield _file_failure(f"read failed part-way, after the rows before this one: {reason}")
         return
     if not found:  # an archive with no images
         yield _file_failure("no images found in file")
@@ -252,16 +264,22 @@ def _send_files(events: Events | None, files: int) -> None:
         events.send("files", files)
 
 
+def _send_retry(events: Events | None, uri: str, reason: str) -> None:
+    if events is not None:
+        events.send("retry", {"uri": uri, "reason": reason})
+
+
 class Scorer:
     """One model per actor: per image of a block, the class probabilities, the review flag and
     the out-of-distribution verdict (error rows pass through unscored). Output shaping
     (`publish.output_table`) and review overlays (`explain.ReviewOverlays`) are later steps."""
 
     def __init__(self, model_uri: str, options: StorageOptions, use_gpu: bool,
-                 threshold: float | None, threads: int, ood_check: bool = True,
-                 keep_images: bool = False, events: Events | None = None):
+                 threshold: float | None, threads: int = 0, concurrency: int = 1,
+                 ood_check: bool = True, keep_images: bool = False,
+                 events: Events | None = None):
         if not use_gpu:
-            torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(actor_threads(threads, concurrency))
         self.predictor = Predictor(model_uri, options, use_gpu=use_gpu)
         # None: the review threshold stored in the checkpoint (chosen on validation), else 0.7
         self.threshold = review_threshold_of(
@@ -282,22 +300,15 @@ class Scorer:
                 {name: np.asarray(batch[column], dtype=np.float64)[ok]
                  for name, column in OOD_COLUMNS.items()}, self.predictor.ood_reference)
         confidence = np.nan_to_num(probs, nan=0.0).max(1)
+        review = ok & ((confidence < self.threshold) | flags)
         if self.events is not None:
             self.events.send("scored", {"rows": n, "errors": int(n - ok.sum())})
         dropped = {*OOD_COLUMNS.values(), *(() if self.keep_images else ("image",))}
         return {**{k: v for k, v in batch.items() if k not in dropped},
-                publish.COL_PROBS: probs,
-                publish.COL_NEEDS_REVIEW: ok & ((confidence < self.threshold) | flags),
-                publish.COL_OOD: flags, publish.COL_OOD_REASON: reasons}
-
-
-def _check_output_classes(output: str, classes: list[str], options: StorageOptions) -> None:
-    """One dataset holds one set of prob_ columns: refuse a model whose classes differ from those
-    of the rows already published, before any work is done."""
-    published = publish.published_classes(output, options)
-    if published is not None and published != list(classes):
-        raise ValueError(f"{storage.redact(output)} holds scores for classes {published}, but "
-                         f"the model was trained on {list(classes)}; score into another --output")
+                publish.COL_PROBS: probs, publish.COL_NEEDS_REVIEW: review,
+                # not checked is not "in distribution": null, not false
+                publish.COL_OOD: flags if self.ood_check else np.full(n, None, dtype=object),
+                publish.COL_OOD_REASON: reasons}
 
 
 def _files_per_task(config: ScoreConfig) -> int:
@@ -319,8 +330,12 @@ def _scorer_remote_args(config: ScoreConfig) -> dict:
     return {"max_concurrency": 2}
 
 
-def _actor_threads(config: ScoreConfig) -> int:
-    return config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.concurrency)
+def actor_threads(threads_per_actor: int, concurrency: int) -> int:
+    """Torch threads of a CPU scoring actor: as given, else its own node's cores shared among
+    the actors (read in the actor, on the node that runs it: the driver of a `ray job submit`
+    runs on the head, whose cores say nothing about the worker nodes')."""
+    cores = os.cpu_count() or 1
+    return threads_per_actor or max(1, cores // max(1, min(concurrency, cores)))
 
 
 class ScoringProgress:
@@ -329,11 +344,14 @@ class ScoringProgress:
 
     def __init__(self, n_files: int):
         self.n_files, self.files, self.rows, self.errors = n_files, 0, 0, 0
+        self.retries: list[dict] = []  # files unreadable now: not scored, the next run retries
         self.started = time.perf_counter()
 
     def __call__(self, kind: str, payload) -> None:
         if kind == "files":
             self.files += payload
+        elif kind == "retry":
+            self.retries.append(payload)
         elif kind == "scored":
             self.rows += payload["rows"]
             self.errors += payload["errors"]
@@ -361,9 +379,22 @@ def _review_threshold(config: ScoreConfig, checkpoint: dict) -> float:
     return threshold
 
 
-def _files_to_score(config: ScoreConfig, model_id: str) -> InputListing:
-    """The inputs' files this model has not scored yet (all with --rescore)."""
-    scored = (publish.scored_keys(config.output, model_id, config.storage)
+def scoring_key(model_id: str, threshold: float, ood_check: bool) -> str:
+    """What identifies the rows a run writes: the model (its weights, calibration, guards and
+    preprocessing: brainray.checkpoint.model_identity) and the run's own settings that change a
+    row. Inputs scored under another key are scored again."""
+    text = json.dumps({"model_id": model_id, "review_threshold": round(float(threshold), 6),
+                       "ood_check": bool(ood_check), "schema": publish.SCHEMA_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _files_to_score(config: ScoreConfig, key: str) -> InputListing:
+    """The inputs' files not yet scored under this key (all with --rescore); from the output's
+    index (one small file, whatever the history)."""
+    scored = (scored_index.scored(config.output,
+                                  publish.current_index(config.output, config.storage),
+                                  key, config.storage)
               if config.incremental else frozenset())
     return list_inputs(config.inputs, config.storage, scored)
 
@@ -384,7 +415,8 @@ def _scored(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri:
         .map_batches(Scorer, batch_size=config.batch_size,
                      fn_constructor_kwargs={
                          "model_uri": model_uri, "options": options, "use_gpu": config.use_gpu,
-                         "threshold": threshold, "threads": _actor_threads(config),
+                         "threshold": threshold, "threads": config.threads_per_actor,
+                         "concurrency": config.concurrency,
                          "ood_check": config.ood_check,
                          "keep_images": config.explain_review_dir is not None,
                          "events": events},
@@ -411,56 +443,75 @@ def _write_staged(scored: ray.data.Dataset, staging: str, config: ScoreConfig) -
         scored.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file)
 
 
+def _score_files(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri: str,
+                 threshold: float, run_id: str) -> tuple[float, list[dict]]:
+    """Score the files into the run's staging folder: its wall time and the files to retry."""
+    started = time.perf_counter()
+    events, progress = Events(), ScoringProgress(len(files))
+    try:
+        with EventPump(events, progress):
+            _write_staged(_scored(config, files, checkpoint, model_uri, threshold, run_id,
+                                  events), publish.staging_uri(config.output, run_id), config)
+    finally:
+        events.shutdown()
+    return time.perf_counter() - started, progress.retries
+
+
+def _commit_run(config: ScoreConfig, held: lease.Held, run_id: str, summary: dict) -> None:
+    publish.mark_ready(config.output, run_id, summary, config.storage)
+    held.check()  # a run that lost its lease (presumed dead) must not commit
+    for warning in publish.commit(config.output, run_id, config.storage):
+        say(warning)
+
+
 def run_scoring(config: ScoreConfig) -> dict:
     say("brainray score\n" + storage.redacted_json(config))
     options = config.storage
     storage.ensure_writable(config.output, options)
     model_uri = locate_checkpoint(config.model, options)
     checkpoint = load_checkpoint(model_uri, options)
-    model_id = checkpoint["model_id"]
-    threshold = _review_threshold(config, checkpoint)
-    for line in publish.recover(config.output, options):
-        say(line)
-    _check_output_classes(config.output, checkpoint["classes"], options)
-    listing = _files_to_score(config, model_id)
-    files, skipped = listing.files, {"skipped_files": listing.already_scored,
-                                     "skipped_dicomdirs": len(listing.dicomdirs)}
-    say(f"{len(files)} file(s) to score with model {checkpoint['model_name']} ({model_id}); "
-        f"{listing.already_scored} already scored by this model; {len(listing.dicomdirs)} "
-        "DICOMDIR(s) skipped (the index of a DICOM file-set, not an image)")
-    if not files:
-        return {"images": 0, "files": 0, **skipped, "model_id": model_id}
-
+    model_id, threshold = checkpoint["model_id"], _review_threshold(config, checkpoint)
+    key = scoring_key(model_id, threshold, config.ood_check)
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-    staging = publish.staging_uri(config.output, run_id)
-    started = time.perf_counter()
-    events = Events()
-    try:
-        with EventPump(events, ScoringProgress(len(files))):
-            _write_staged(_scored(config, files, checkpoint, model_uri, threshold, run_id,
-                                  events), staging, config)
-    finally:
-        events.shutdown()
-    wall_s = time.perf_counter() - started
-    summary = {**publish.summarize(staging, options, threshold), "files": len(files),
-               **skipped, "model_id": model_id, "run_id": run_id, "wall_s": wall_s}
-    summary["images_per_s"] = summary["images"] / max(wall_s, 1e-9)
-    publish.mark_ready(config.output, run_id, summary, options)
-    for warning in publish.commit(config.output, run_id, options):
-        say(warning)
+    with lease.Held(config.output, run_id, options, config.lease_ttl_s) as held:
+        for line in publish.recover(config.output, options):
+            say(line)
+        publish.check_compatible(config.output, checkpoint["classes"], options)
+        listing = _files_to_score(config, key)
+        files, skipped = listing.files, {"skipped_files": listing.already_scored,
+                                         "skipped_dicomdirs": len(listing.dicomdirs)}
+        say(f"{len(files)} file(s) to score with model {checkpoint['model_name']} ({model_id}); "
+            f"{listing.already_scored} already scored with these settings; "
+            f"{len(listing.dicomdirs)} DICOMDIR(s) skipped (the index of a DICOM file-set, "
+            "not an image)")
+        if not files:
+            return {"images": 0, "files": 0, **skipped, "model_id": model_id}
+        wall_s, retries = _score_files(config, files, checkpoint, model_uri, threshold, run_id)
+        summary = {**publish.summarize(publish.staging_uri(config.output, run_id), options,
+                                       threshold), "files": len(files), **skipped,
+                   "model_id": model_id, "scoring_key": key, "classes": checkpoint["classes"],
+                   "run_id": run_id, "wall_s": wall_s, "retry_next_run": retries}
+        summary["images_per_s"] = summary["images"] / max(wall_s, 1e-9)
+        _commit_run(config, held, run_id, summary)
     _print_summary(summary, config.output)
     return summary
 
 
 def _print_summary(summary: dict, output: str) -> None:
     say(f"scored {summary['images']} image(s) from {summary['files']} file(s) in "
-          f"{summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s): "
-          f"{summary['ok']} ok, {summary['errors']} error(s), {summary['needs_review']} to "
-          f"review (confidence below {summary['confidence_threshold']:.3f} or out of "
-          f"distribution: {summary['out_of_distribution']})")
+        f"{summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s): "
+        f"{summary['ok']} ok, {summary['errors']} error(s), {summary['needs_review']} to "
+        f"review (confidence below {summary['confidence_threshold']:.3f} or out of "
+        f"distribution: {summary['out_of_distribution']})")
     say(f"predicted: {summary['predicted']}")
     if summary["skipped_dicomdirs"]:
         say(f"skipped {summary['skipped_dicomdirs']} DICOMDIR(s): the index of a DICOM "
             "file-set, not an image")
     say(f"committed run {summary['run_id']} to "
-          f"{storage.redact(posixpath.join(output, publish.SCORES_DIR))}")
+        f"{storage.redact(posixpath.join(output, publish.SCORES_DIR))}")
+    retries = summary["retry_next_run"]
+    if retries:
+        say(f"{len(retries)} file(s) could not be read now and are not scored; the next run "
+            "tries them again:")
+        for item in retries[:10]:
+            say(f"  {item['uri']}: {item['reason']}")

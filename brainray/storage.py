@@ -7,6 +7,8 @@ never stored, logged or put into error messages.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
 import os
@@ -18,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import boto3
 import pyarrow.fs as pafs
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from brainray.config import StorageOptions, to_dict
 
@@ -350,6 +355,20 @@ def read_head(uri: str, nbytes: int, options: StorageOptions | None = None) -> b
         return head
 
 
+def move(src: str, dst: str, options: StorageOptions | None = None) -> None:
+    """Rename a file (locally atomic; on S3 a copy, then the delete of the source)."""
+    if is_local(src) and is_local(dst):
+        _, source = resolve(src, options)
+        _, target = resolve(dst, options)
+        try:
+            os.replace(source, target)
+        except OSError as exc:
+            raise _wrap(src, "rename", exc) from exc
+        return
+    copy_file(src, dst, options)
+    delete(src, options)
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """A listed file: its URI (as users write it), filesystem path, size and modification time."""
@@ -442,6 +461,105 @@ def delete_dir(uri: str, options: StorageOptions | None = None) -> None:
     fs, path = resolve(uri, options)
     try:
         fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _wrap(uri, "delete", exc) from exc
+
+
+# --- conditional writes: the scoring output's lease and manifest --------------------------------
+# A read-modify-write of a shared object is only safe when the write can say "only if nobody
+# changed it since I read it". S3 does that with conditional PUTs (If-None-Match: * to create,
+# If-Match: <etag> to replace), which pyarrow's filesystem cannot send, so these go through
+# boto3 with the same endpoint, region, timeouts and retries; locally a lock file and an atomic
+# rename (or link, to create) do the same.
+
+
+class PreconditionFailed(StorageError):
+    """Another writer created or changed the object first."""
+
+
+def _s3_client(options: StorageOptions):
+    config = Config(connect_timeout=_S3_CONNECT_TIMEOUT_S, read_timeout=_S3_REQUEST_TIMEOUT_S,
+                    retries={"max_attempts": _S3_RETRY_ATTEMPTS, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=options.s3_endpoint,
+                        region_name=options.s3_region or DEFAULT_REGION, config=config)
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = _s3_path(uri).partition("/")
+    return bucket, key
+
+
+def _precondition_failed(exc) -> bool:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code") in (
+        "PreconditionFailed", "ConditionalRequestConflict", "412")
+
+
+def read_versioned(uri: str, options: StorageOptions | None = None
+                   ) -> tuple[bytes, str] | None:
+    """(bytes, version tag) of an object, None when it does not exist."""
+    options = options or StorageOptions()
+    if not is_s3(uri):
+        _, path = resolve(uri, options)
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _wrap(uri, "read", exc) from exc
+        return data, hashlib.sha256(data).hexdigest()
+    bucket, key = _bucket_key(uri)
+    try:
+        response = _s3_client(options).get_object(Bucket=bucket, Key=key)
+        return response["Body"].read(), response["ETag"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise _wrap(uri, "read", exc) from exc
+    except BotoCoreError as exc:
+        raise _wrap(uri, "read", exc) from exc
+
+
+def write_versioned(uri: str, data: bytes, expected: str | None,
+                    options: StorageOptions | None = None) -> str:
+    """Write `data` only if the object is still at version `expected` (None: only if it does
+    not exist yet); its new version tag. PreconditionFailed when another writer came first."""
+    options = options or StorageOptions()
+    if not is_s3(uri):
+        return _write_versioned_local(uri, data, expected, options)
+    bucket, key = _bucket_key(uri)
+    condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+    try:
+        return _s3_client(options).put_object(Bucket=bucket, Key=key, Body=data,
+                                              **condition)["ETag"]
+    except ClientError as exc:
+        if _precondition_failed(exc):
+            raise PreconditionFailed(f"{redact(uri)} was changed by another writer") from exc
+        raise _wrap(uri, "write", exc) from exc
+    except BotoCoreError as exc:
+        raise _wrap(uri, "write", exc) from exc
+
+
+def _write_versioned_local(uri: str, data: bytes, expected: str | None,
+                           options: StorageOptions) -> str:
+    _, path = resolve(uri, options)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        current = read_versioned(uri, options)
+        if (current is None) != (expected is None) or (
+                current is not None and current[1] != expected):
+            raise PreconditionFailed(f"{redact(uri)} was changed by another writer")
+        write_bytes(uri, data, options)
+    return hashlib.sha256(data).hexdigest()
+
+
+def delete(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete one object; nothing when it does not exist."""
+    fs, path = resolve(uri, options)
+    try:
+        fs.delete_file(path)
     except FileNotFoundError:
         pass
     except OSError as exc:

@@ -5,6 +5,7 @@ The measurements themselves are run by `python -m bench`, never by the tests (no
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -114,3 +115,23 @@ def test_summary_table_marks_met_and_missed_targets():
     assert "| 1.10 |" in row["(3) `brainray train` vs torchvision DataLoader(num_workers=2), "
                              "img/s"]
     assert row["(6) time to the paper's 96.88% test accuracy"].endswith("| **missed** |")
+
+
+def test_gpu_check_without_cuda_says_so_and_fails(tmp_path, monkeypatch):
+    from bench import gpu_check
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--out", str(out)]) == 1
+    assert json.loads(out.read_text()) == {"cuda": False,
+                                           "error": "no CUDA device: nothing to check here"}
+
+
+def test_gpu_check_records_a_failing_step_and_goes_on():
+    from bench import gpu_check
+
+    steps: dict = {}
+    gpu_check._step(steps, "broken", lambda: 1 / 0)
+    gpu_check._step(steps, "fine", lambda: {"x": 1})
+    assert steps["broken"]["ok"] is False and "ZeroDivisionError" in steps["broken"]["error"]
+    assert steps["fine"]["ok"] is True and steps["fine"]["x"] == 1

@@ -142,7 +142,7 @@ def test_checkpoint_without_new_fields_behaves_as_before(tmp_path):
     assert predictor.review_threshold is None and predictor.ood_reference is None
 
 
-def test_calibrated_checkpoint_keeps_model_id_and_predictor_divides_logits(tmp_path):
+def test_calibrating_makes_a_new_model_id_over_the_same_weights(tmp_path):
     old = _checkpoint()
     new = with_fields(old, temperature=2.0, review_threshold=0.83,
                       calibration={"temperature": 2.0, "ece_after": 0.01})
@@ -150,7 +150,9 @@ def test_calibrated_checkpoint_keeps_model_id_and_predictor_divides_logits(tmp_p
     raw = torch.load(io.BytesIO(data), weights_only=True)  # plain values: still weights_only
     assert raw["temperature"] == 2.0
     loaded = deserialize(data)
-    assert loaded["model_id"] == old["model_id"]
+    # the weights are the same, but what the model outputs is not: a new model_id
+    assert loaded["weights_id"] == old["weights_id"]
+    assert loaded["model_id"] != old["model_id"]
     assert temperature_of(loaded) == 2.0 and review_threshold_of(loaded) == 0.83
     (tmp_path / "old.pt").write_bytes(serialize(old))
     (tmp_path / "new.pt").write_bytes(data)

@@ -18,6 +18,7 @@ from brainray.checkpoint import (
     serialize,
     tta_of,
     weights_id,
+    with_fields,
 )
 from brainray.config import DEFAULT_CLASSES, MODEL_NAMES, PreprocessConfig
 from brainray.model import BasicBlock, build_model, count_parameters
@@ -206,12 +207,12 @@ def test_deserialize_refuses_mismatched_classes():
 
 
 def test_deserialize_refuses_tampered_weights():
-    # Given a checkpoint whose weights were changed after model_id was recorded
+    # Given a checkpoint whose weights were changed after their hash was recorded
     _, checkpoint = _checkpoint()
     key = next(iter(checkpoint["state_dict"]))
     checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + 1e-3
     # When deserialized / Then the mismatch is detected
-    with pytest.raises(CheckpointError, match="do not match their recorded model_id"):
+    with pytest.raises(CheckpointError, match="do not match their recorded weights_id"):
         deserialize(serialize(checkpoint), source="tampered.pt")
 
 
@@ -401,3 +402,32 @@ def test_test_time_augmentation_is_read_from_the_checkpoint():
     assert tta_of({**checkpoint, "test_time_augmentation": "hflip"}) == "hflip"
     with pytest.raises(CheckpointError, match="unknown test-time augmentation"):
         tta_of({**checkpoint, "test_time_augmentation": "rot90"})
+
+
+# --- model identity ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", 1.7), ("review_threshold", 0.9), ("test_time_augmentation", "hflip"),
+    ("ood_reference", {"mean_range": [0.0, 0.5]})])
+def test_anything_that_changes_the_output_changes_the_model_id(field, value):
+    _, checkpoint = _checkpoint()
+    changed = with_fields(checkpoint, **{field: value})
+    assert changed["weights_id"] == checkpoint["weights_id"]
+    assert changed["model_id"] != checkpoint["model_id"]
+    assert deserialize(serialize(changed))["model_id"] == changed["model_id"]
+
+
+def test_a_model_id_that_does_not_cover_its_calibration_is_refused():
+    _, checkpoint = _checkpoint()
+    forged = {**checkpoint, "temperature": 3.0}  # calibration edited, model_id left as it was
+    with pytest.raises(CheckpointError, match="model_id does not match"):
+        deserialize(serialize(forged))
+
+
+def test_a_checkpoint_from_before_weights_id_still_loads():
+    _, checkpoint = _checkpoint()
+    legacy = {k: v for k, v in checkpoint.items() if k != "weights_id"}
+    legacy["model_id"] = weights_id(legacy["state_dict"])
+    assert deserialize(serialize(legacy))["model_id"] == legacy["model_id"]
+    assert with_fields(legacy, temperature=2.0)["weights_id"] == legacy["model_id"]

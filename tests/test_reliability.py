@@ -7,6 +7,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -311,67 +313,46 @@ def test_an_unwritable_local_output_fails_before_any_work(ray_cluster, model_pat
 
 # --- crashes during the commit ----------------------------------------------------------------
 
-
-def _crash(*args, **kwargs):
-    raise OSError("simulated crash")
-
-
-def _crash_on_success_marker(real):
-    def write_json(uri, obj, options=None):
-        if uri.endswith(publish.SUCCESS):
-            raise OSError("simulated crash before _SUCCESS")
-        return real(uri, obj, options)
-    return write_json
-
-
-# point -> (how to crash there, the run's exit status). Before the manifest names the run,
-# nothing is committed: exit 1. After it, the rows are published and only the cleanup is left
-# for the next run: exit 0 with a warning (jobs/score.py's contract).
-CRASH_POINTS = {
-    # after _READY, before the copy into scores/ and the manifest
-    "after_ready": (lambda mp: mp.setattr(publish, "commit", _crash), 1),
-    # after the manifest names the run, before _SUCCESS and the staging cleanup
-    "after_manifest": (lambda mp: mp.setattr(publish.storage, "write_json",
-                                             _crash_on_success_marker(storage.write_json)), 0),
-    # after _SUCCESS, before the staging folder is deleted
-    "before_cleanup": (lambda mp: mp.setattr(publish.storage, "delete_dir", _crash), 0),
-}
+# Commit steps (brainray.publish.commit) to SIGKILL a scoring job just before: the first copy,
+# the commit point, a rename into the published names, the cleanup. tests/test_publish.py kills
+# the commit itself at every step, locally and on S3; these go through the whole job.
+KILL_STEPS = ("copy 0", "manifest", "publish 1", "cleanup 0")
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("point", list(CRASH_POINTS))
-def test_a_crash_late_in_the_commit_is_rolled_forward_exactly_once(ray_cluster, model_path,
-                                                                   tmp_path, capfd, point):
-    # Given a scoring run that crashes at this point of its commit
+@pytest.mark.parametrize("step", KILL_STEPS)
+def test_a_scoring_job_killed_in_its_commit_is_finished_by_the_next(ray_cluster, model_path,
+                                                                   tmp_path, capfd, step):
+    import ray
+
+    # Given a scoring job SIGKILLed at this step of its commit (a subprocess on this cluster)
     inputs = write_tree(tmp_path / "in", _images(7))
     output = tmp_path / "out"
-    crash, expected_code = CRASH_POINTS[point]
-    with pytest.MonkeyPatch.context() as mp:
-        crash(mp)
-        assert _score(model_path, [inputs], output, "--rows-per-file", "3") == expected_code
-    if expected_code:
-        assert "simulated crash" in _one_line_error(capfd)
-    else:
-        assert "is committed, but cleaning up after it failed" in capfd.readouterr().out
-    staged = [p for p in (output / "_staging").iterdir()]
-    assert len(staged) == 1 and (staged[0] / publish.READY).exists()
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           publish.KILL_BEFORE_ENV: step}
+    killed = subprocess.run(
+        [sys.executable, "-m", "jobs.score", "--model", str(model_path), "--input", str(inputs),
+         "--output", str(output), "--no-gpu", "--batch-size", "8", "--rows-per-file", "3"],
+        env=env, cwd=Path(__file__).parents[1], capture_output=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    capfd.readouterr()
 
-    # When the next run starts
+    # When the next run starts (the dead job's lease is free: its process is gone)
     assert _score(model_path, [inputs], output) == 0
 
-    # Then the interrupted run was committed once, nothing was scored twice or lost
+    # Then the interrupted run is in the output once, and nothing was scored twice or lost
     out = capfd.readouterr().out
-    assert f"committed interrupted run {staged[0].name}" in out
-    assert "0 file(s) to score" in out
     manifest = json.loads((output / publish.MANIFEST).read_text())
-    assert [r["run_id"] for r in manifest["runs"]] == [staged[0].name]
     scores = pq.read_table(output / "scores").to_pandas()
-    assert len(scores) == 7 and scores.uri.is_unique and scores.run_id.nunique() == 1
+    assert len(scores) == 7 and scores.uri.is_unique
     assert sorted(p.name for p in (output / "scores").iterdir()) == sorted(
-        manifest["runs"][0]["files"])
+        f for run in manifest["runs"] for f in run["files"])
     assert not any((output / "_staging").iterdir())
-    assert json.loads((output / publish.SUCCESS).read_text())["run_id"] == staged[0].name
+    if step in ("copy 0", "manifest"):  # before the commit point: the next run commits it
+        assert "committed interrupted run" in out and "0 file(s) to score" in out
+    else:  # after it: the next run finishes it
+        assert "finished committed run" in out and "0 file(s) to score" in out
 
 
 # --- trust: checkpoints -----------------------------------------------------------------------
@@ -456,3 +437,31 @@ def test_a_failing_job_never_prints_a_signature_or_credential(ray_cluster, model
     _assert_no_secret(out, err, *_bucket_objects(client, bucket).values())
     _assert_no_secret(*(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()))
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRET  # it was there to leak
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_file_refused_now_is_not_a_row_and_the_next_run_scores_it(
+        ray_cluster, model_path, s3_endpoint, s3_bucket, capfd):
+    # Given 5 images, one of which the store refuses (403) for this run only
+    client, bucket = s3_bucket
+    input_uri = upload_tree(client, bucket, "in", _images(5))
+    output = f"s3://{bucket}/scores"
+    options = StorageOptions(s3_endpoint=s3_endpoint, s3_region="us-east-1")
+    with FaultProxy(s3_endpoint, [Fault("403", first=10**6, method="GET",
+                                        path_contains="in/scan_002.png")]) as proxy:
+        flags = ["--s3-endpoint", proxy.url, "--s3-region", "us-east-1"]
+        # When the run scores: it commits the other 4 and names the one it will retry
+        assert _score(model_path, [input_uri], output, *flags) == 0
+        out = capfd.readouterr().out
+        assert "1 file(s) could not be read now and are not scored" in out
+        assert "scan_002.png" in out
+        assert sorted(_s3_scores(output, options).uri) == [
+            f"{input_uri}/scan_00{i}.png" for i in (0, 1, 3, 4)]
+        # Then once the store serves it again, the next incremental run scores just that one
+        proxy.set_faults([])
+        assert _score(model_path, [input_uri], output, *flags) == 0
+    assert "1 file(s) to score" in capfd.readouterr().out
+    scores = _s3_scores(output, options)
+    assert len(scores) == 5 and scores.uri.is_unique and set(scores.status) == {"ok"}

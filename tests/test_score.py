@@ -278,3 +278,82 @@ def test_cpu_scoring_actors_overlap_two_batches_unless_they_explain(use_gpu, exp
     config = ScoreConfig(model="model.pt", inputs=("in",), output="out", use_gpu=use_gpu,
                          explain_review_dir=explain_dir)
     assert _scorer_remote_args(config) == expected
+
+
+# --- overlapping runs, settings that change a row, the OOD flag -------------------------------
+
+
+def _job(checkpoint, inputs, output, *extra) -> subprocess.Popen:
+    """`python -m jobs.score` as its own process on this test cluster."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    flags = [f for i in inputs for f in ("--input", str(i))]
+    return subprocess.Popen([sys.executable, "-m", "jobs.score", "--model", str(checkpoint),
+                             *flags, "--output", str(output), "--no-gpu", "--batch-size", "8",
+                             *extra], env=env, cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_runs_started_together_on_one_output_leave_every_image_once(
+        ray_cluster, checkpoint_path, tmp_path):
+    # Given two scheduled runs whose inputs overlap, started at the same moment on one output
+    shared = write_tree(tmp_path / "shared", _images(6))
+    first_only = write_tree(tmp_path / "a", _images(3, offset=10))
+    second_only = write_tree(tmp_path / "b", _images(3, offset=20))
+    output = tmp_path / "out"
+    jobs = [_job(checkpoint_path, [shared, first_only], output),
+            _job(checkpoint_path, [shared, second_only], output)]
+    results = [(job.wait(timeout=600), job.stderr.read()) for job in jobs]
+    # Then each either committed or refused clearly because the other held the output
+    for code, err in results:
+        assert code == 0 or (code == 1 and "another brainray score run" in err), err
+    # and when both are run again (the next night), every image is in the output exactly once
+    assert _score(checkpoint_path, [shared, first_only], output) == 0
+    assert _score(checkpoint_path, [shared, second_only], output) == 0
+    scores = _read_scores(output)
+    assert len(scores) == 12 and scores.uri.is_unique
+
+
+def test_a_recalibrated_model_scores_everything_again(ray_cluster, checkpoint_path, tmp_path):
+    # Given inputs scored by a model, and the same weights with a new temperature
+    from brainray.checkpoint import deserialize, with_fields
+
+    root = write_tree(tmp_path / "in", _images(4))
+    output = tmp_path / "out"
+    assert _score(checkpoint_path, [root], output) == 0
+    recalibrated = tmp_path / "recalibrated.pt"
+    recalibrated.write_bytes(serialize(with_fields(deserialize(checkpoint_path.read_bytes()),
+                                                   temperature=2.5)))
+    # When the recalibrated model runs incrementally, Then it scores every input again: its
+    # rows differ (calibrated probabilities), so the old model's rows are not its rows
+    assert _score(recalibrated, [root], output) == 0
+    scores = _read_scores(output)
+    assert len(scores) == 8 and scores.model_id.nunique() == 2
+
+
+def test_an_explicit_review_threshold_is_a_setting_of_its_own(ray_cluster, checkpoint_path,
+                                                               tmp_path):
+    root = write_tree(tmp_path / "in", _images(3))
+    output = tmp_path / "out"
+    assert _score(checkpoint_path, [root], output) == 0
+    assert _score(checkpoint_path, [root], output) == 0  # nothing new
+    assert _score(checkpoint_path, [root], output, "--confidence-threshold", "0.9") == 0
+    assert len(_read_scores(output)) == 6
+
+
+def test_no_ood_check_writes_null_not_false(ray_cluster, checkpoint_path, tmp_path):
+    root = write_tree(tmp_path / "in", _images(3))
+    output = tmp_path / "out"
+    assert _score(checkpoint_path, [root], output, "--no-ood-check") == 0
+    assert _read_scores(output).out_of_distribution.isna().all()
+
+
+def test_a_cpu_scoring_actor_takes_its_threads_from_the_node_it_runs_on(monkeypatch):
+    # Given actors on a 16-core node and on a 2-core node (the driver's cores do not matter)
+    from brainray import score
+
+    for cores, concurrency, expected in ((16, 4, 4), (2, 1, 2), (2, 4, 1), (16, 1, 16)):
+        monkeypatch.setattr(score.os, "cpu_count", lambda c=cores: c)
+        assert score.actor_threads(0, concurrency) == expected
+    assert score.actor_threads(3, 4) == 3  # --threads-per-actor wins

@@ -30,7 +30,8 @@ from tests.corpus import CORPUS, CORPUS_IDS, OK, CorpusItem, write_checkpoint, w
 
 IMAGE_SIZE = 32
 MEMORY_GROWTH_LIMIT = 200 * 1024**2  # per item; the bombs would need gigabytes if expanded
-OUTPUT_ENTRIES = {"scores", "_manifest.json", "_SUCCESS", "_staging"}
+# logs/: the job's console log (brainray.console), checked below for credentials too
+OUTPUT_ENTRIES = {"scores", "_manifest.json", "_SUCCESS", "_staging", "logs"}
 
 
 def _item_uri(root: Path, item: CorpusItem) -> str:
@@ -145,7 +146,7 @@ def test_corpus_job_writes_nothing_outside_its_output(corpus_run):
     basetemp = corpus_run.root.parent
     assert not list(basetemp.rglob("x.jpg")) and not list(basetemp.rglob("evil.jpg"))
     assert not os.path.exists("/abs/evil.jpg") and not os.path.exists("/x.jpg")
-    # and the output holds only the published dataset and its commit markers
+    # and the output holds only the published dataset, its commit markers and the job's log
     output = corpus_run.output
     assert {p.name for p in output.iterdir()} <= OUTPUT_ENTRIES
     assert all(p.suffix == ".parquet" for p in (output / "scores").iterdir())

@@ -273,8 +273,9 @@ def test_each_epoch_reaches_mlflow_and_tensorboard_and_a_relaunch_continues(
 
     # Then one MLflow run holds both epochs and the final test accuracy of metrics.json
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    (tracked,) = mlflow.search_runs(experiment_names=["brainray-ci"], output_format="list")
     client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("brainray-ci")
+    (tracked,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(tracked.info.run_id, "val_loss")
     assert [m.step for m in history] == [1, 2]
     assert [m.value for m in history] == pytest.approx([h["val_loss"]

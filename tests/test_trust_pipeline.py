@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from brainray.checkpoint import deserialize, weights_id
+from brainray.checkpoint import deserialize, model_identity, weights_id
 from brainray.cli import run
 from brainray.explain import review_overlay_name
 from tests.conftest import encode, synthetic_scan, tiny_dataset_files, write_tree
@@ -44,13 +44,15 @@ def test_trained_run_is_calibrated_checked_and_scored_with_its_guards(ray_cluste
     card = (run_dir / "MODEL_CARD.md").read_text()
     assert "not for diagnosis" in card.lower() and metrics["model_id"] in card
 
-    # And model.pt carries them, still identified by the hash of its weights
+    # And model.pt carries them; its weights_id is the hash of its weights, its model_id covers
+    # the calibration and guards too
     raw = (run_dir / "model.pt").read_bytes()
     checkpoint = deserialize(raw)
     assert torch.load(io.BytesIO(raw), weights_only=True)["temperature"] == calibration[
         "temperature"]
     assert checkpoint["review_threshold"] == abstention["threshold"]
-    assert checkpoint["model_id"] == weights_id(checkpoint["state_dict"]) == metrics["model_id"]
+    assert checkpoint["weights_id"] == weights_id(checkpoint["state_dict"])
+    assert checkpoint["model_id"] == model_identity(checkpoint) == metrics["model_id"]
     low, high = checkpoint["ood_reference"]["mean_range"]
     assert 0 <= low < high <= 1
 

@@ -130,9 +130,9 @@ def _ok(items: list[SourceImage]) -> list[SourceImage]:
     return [item for item in items if not item.error]
 
 
-def _expand(name: str, data: bytes, limits: SourceLimits = SourceLimits()) -> list[SourceImage]:
+def _expand(name: str, data: bytes, limits: SourceLimits | None = None) -> list[SourceImage]:
     """Everything `expand` yields for these bytes, read from an in-memory file."""
-    return list(expand(name, io.BytesIO(data), limits))
+    return list(expand(name, io.BytesIO(data), limits or SourceLimits()))
 
 
 # --- names ------------------------------------------------------------------------------------
