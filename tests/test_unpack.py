@@ -12,16 +12,20 @@ import tarfile
 import tracemalloc
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom import uid
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence
 
+from brainray import unpack
 from brainray.config import IMAGE_EXTENSIONS
 from brainray.unpack import (
     ARCHIVE_SUFFIXES,
@@ -324,13 +328,48 @@ def test_dicom_without_pixel_data_is_an_error_item():
     assert items[0].content_sha256 == _sha(data)
 
 
-def test_compressed_dicom_without_a_decoder_names_the_transfer_syntax():
-    # given JPEG Lossless SV1, which needs pylibjpeg or gdcm (not installed)
+def test_compressed_dicom_without_a_decoder_names_the_transfer_syntax(monkeypatch):
+    # given a node where JPEG Lossless SV1's decoders (the pylibjpeg plugins) are missing
+    missing = SimpleNamespace(is_available=False, missing_dependencies=["pylibjpeg>=2.0"])
+    monkeypatch.setattr(unpack, "get_decoder", lambda syntax: missing)
     items = _expand("lossless.dcm", _compressed_dicom(uid.JPEGLosslessSV1))
-    # then one error item naming the transfer syntax and its UID, and no exception
+    # then one error item naming the transfer syntax, its UID and what to install
     assert len(items) == 1 and items[0].image is None
-    assert "no decoder installed" in items[0].error
+    assert "no decoder installed" in items[0].error and "pylibjpeg>=2.0" in items[0].error
     assert "JPEG Lossless" in items[0].error and str(uid.JPEGLosslessSV1) in items[0].error
+
+
+def test_video_dicom_is_an_error_item_naming_the_transfer_syntax():
+    # given MPEG-2 video, which pydicom has no decoder for at all / when expanded
+    items = _expand("cine.dcm", _compressed_dicom(uid.MPEG2MPML))
+    # then one error item saying the syntax is not supported
+    assert len(items) == 1 and items[0].image is None
+    assert "is not supported" in items[0].error and str(uid.MPEG2MPML) in items[0].error
+
+
+# The compressed transfer syntaxes of the files pydicom ships (read offline, from the package),
+# with each file's (width, height): JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 and RLE.
+_PYDICOM_COMPRESSED = [
+    ("SC_rgb_jpeg_dcmtk.dcm", uid.JPEGBaseline8Bit, (100, 100)),
+    ("JPGExtended.dcm", uid.JPEGExtended12Bit, (256, 1024)),
+    ("SC_rgb_jpeg_gdcm.dcm", uid.JPEGLosslessSV1, (100, 100)),
+    ("MR_small_jpeg_ls_lossless.dcm", uid.JPEGLSLossless, (64, 64)),
+    ("JPEGLSNearLossless_16.dcm", uid.JPEGLSNearLossless, (10, 50)),
+    ("MR_small_jp2klossless.dcm", uid.JPEG2000Lossless, (64, 64)),
+    ("JPEG2000.dcm", uid.JPEG2000, (256, 1024)),
+    ("MR_small_RLE.dcm", uid.RLELossless, (64, 64)),
+]
+
+
+@pytest.mark.parametrize(("name", "syntax", "size"), _PYDICOM_COMPRESSED,
+                         ids=[row[0] for row in _PYDICOM_COMPRESSED])
+def test_compressed_dicom_decodes_to_an_image_of_its_size(name, syntax, size):
+    # given one of pydicom's own test files, in the transfer syntax listed for it
+    data = Path(get_testdata_file(name)).read_bytes()
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == syntax
+    # when expanded / then one decoded frame of the file's width and height
+    items = _expand(name, data)
+    assert [(item.ok, item.frame, item.image.size) for item in items] == [(True, 0, size)]
 
 
 @pytest.mark.parametrize(("syntax", "label"), [
