@@ -434,18 +434,25 @@ def _header_text(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
+_SILENT = logging.NullHandler()
+
+
 @contextmanager
 def _quiet():
     """pydicom warns and logs about every non-conformance it tolerates, often quoting the header
-    value at fault, which can be a patient's name: keep both out of the workers' logs."""
+    value at fault, which can be a patient's name: keep both out of the workers' logs. Its
+    decoders log from child loggers (pydicom.pixels...), whose records bypass a disabled parent
+    and reach the root handlers, so the "pydicom" logger stops them instead: only a handler
+    that drops them, and no propagation (and, having a handler, no last-resort stderr output)."""
     logger = logging.getLogger("pydicom")
-    disabled, logger.disabled = logger.disabled, True
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [_SILENT], False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.disabled = disabled
+        logger.handlers, logger.propagate = saved
 
 
 _QUOTED = re.compile(r"""b?'[^']*'|b?"[^"]*\"""")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import struct
 import subprocess
@@ -345,6 +346,18 @@ def test_video_dicom_is_an_error_item_naming_the_transfer_syntax():
     # then one error item saying the syntax is not supported
     assert len(items) == 1 and items[0].image is None
     assert "is not supported" in items[0].error and str(uid.MPEG2MPML) in items[0].error
+
+
+def test_decoder_failures_log_nothing_from_pydicom(caplog):
+    # given an undecodable JPEG 2000 frame, whose failure pydicom logs with a traceback
+    data = _compressed_dicom(uid.JPEG2000Lossless)
+    # when expanded with every log record captured
+    with caplog.at_level(logging.DEBUG):
+        items = _expand("broken.dcm", data)
+    # then the failure is an error item, and no pydicom logger wrote a record (they can quote
+    # header values, which may be patient data)
+    assert items[0].image is None and "cannot decode DICOM pixel data" in items[0].error
+    assert [r.name for r in caplog.records if r.name.startswith("pydicom")] == []
 
 
 # The compressed transfer syntaxes of the files pydicom ships (read offline, from the package),
