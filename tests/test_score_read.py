@@ -209,3 +209,46 @@ def test_non_dicom_rows_have_null_dicom_columns(tmp_path):
     assert [rows[c][0] for c in ("study_instance_uid", "series_instance_uid",
                                  "sop_instance_uid", "modality", "series_description",
                                  "instance_number")] == [None] * 6
+
+
+# --- patient data ------------------------------------------------------------------------------
+
+
+def test_no_patient_data_reaches_the_rows_or_the_logs_without_ray(tmp_path, caplog, capfd):
+    # given DICOMs full of patient data (readable, without pixels, undecodable, in a zip) and a
+    # model; tests/test_score.py checks the same through a whole Ray run
+    import logging
+
+    import torch
+
+    from brainray import publish
+    from brainray.checkpoint import make_checkpoint, serialize
+    from brainray.config import DEFAULT_CLASSES
+    from brainray.model import build_model
+    from brainray.score import Scorer
+    from tests.test_score import _PATIENT_DATA, _dicom_with_patient_data
+
+    root = write_tree(tmp_path / "in", {
+        "IM0001": _dicom_with_patient_data(), "IM0002": _dicom_with_patient_data(pixels=False),
+        "IM0003": _dicom_with_patient_data(corrupt=True),
+        "bundle.zip": _zip({"IM0004": _dicom_with_patient_data(corrupt=True)})})
+    torch.manual_seed(0)
+    model = tmp_path / "model.pt"
+    model.write_bytes(serialize(make_checkpoint(
+        build_model("paper_cnn", 4, IMAGE_SIZE), model_name="paper_cnn", classes=DEFAULT_CLASSES,
+        preprocess=PreprocessConfig(image_size=IMAGE_SIZE), config={}, metrics={}, epoch=1)))
+    # when listed, read, scored and shaped into published rows, every log record captured
+    with caplog.at_level(logging.DEBUG):
+        files = [Path(f["uri"]) for f in list_inputs((str(root),), StorageOptions()).files]
+        scorer = Scorer(str(model), StorageOptions(), use_gpu=False, threshold=None)
+        rows = _read(files)
+        table = publish.output_table(scorer({k: np.array(v, dtype=object) if k != "image"
+                                             else np.stack(v) for k, v in rows.items()}),
+                                     classes=list(DEFAULT_CLASSES), model_id="m",
+                                     model_name="paper_cnn", run_id="r")
+    # then the four rows are there, and no patient value is in them or in any log or output
+    assert sorted(table["status"].to_pylist()) == ["error", "error", "error", "ok"]
+    captured = capfd.readouterr()
+    text = (repr(table.to_pylist()) + captured.out + captured.err
+            + "\n".join(record.getMessage() for record in caplog.records))
+    assert [v for v in _PATIENT_DATA.values() if v in text or v.replace("^", " ") in text] == []
