@@ -34,7 +34,7 @@ from brainray.model import unwrap
 from brainray.presets import InferencePreset
 from brainray.publish import COL_FRAME, COL_NEEDS_REVIEW, COL_OOD_REASON, COL_SHA256
 from brainray.transforms import to_model_input
-from brainray.unpack import SourceLimits, expand, is_supported
+from brainray.unpack import INPUT, SourceLimits, expand, identify, probe_bytes
 
 FILE_LIST_SUFFIXES = (".txt", ".lst")
 
@@ -183,8 +183,22 @@ def list_images(inputs: tuple[str, ...], options: StorageOptions) -> list[str]:
         if len(entries) == 1 and not storage.is_dir(uri, options):
             found.append(uri)  # a single file is explained whatever its name
             continue
-        found += [e.uri for e in entries if is_supported(e.path)]
+        found += [e.uri for e in entries if _is_input(e.uri, options)]
     return list(dict.fromkeys(found))
+
+
+def _is_input(uri: str, options: StorageOptions) -> bool:
+    """An image, DICOM or archive by its name, or a DICOM by its DICM marker (PACS exports name
+    files IM0001 or by UID); DICOMDIRs are indexes, not images. One read per unnamed file is
+    fine here: explain handles a few hundred images on the driver."""
+    nbytes = probe_bytes(uri)
+    if not nbytes:
+        return True
+    try:
+        head = storage.read_head(uri, nbytes, options)
+    except storage.StorageError:
+        return True  # unreadable now: _items turns that into an error row naming the file
+    return identify(uri, head) == INPUT
 
 
 def _csv_bytes(rows: list[dict]) -> bytes:
@@ -227,12 +241,12 @@ def _items(files: list[str], options: StorageOptions, limits: SourceLimits):
     file."""
     for uri in files:
         try:
-            items = expand(uri, storage.read_bytes(uri, options), limits)
+            # seekable, so a zip works too; images are yielded as they are decoded
+            with storage.open_seekable(uri, options) as source:
+                for item in expand(uri, source, limits):
+                    yield uri, item
         except storage.StorageError as exc:
             yield uri, {"uri": uri, "error": str(exc)}
-            continue
-        for item in items:
-            yield uri, item
 
 
 def run_explain(config: ExplainConfig) -> dict:

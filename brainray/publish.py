@@ -43,6 +43,13 @@ COL_MODEL_ID, COL_MODEL_NAME, COL_SCORED_AT = "model_id", "model_name", "scored_
 COL_STATUS, COL_ERROR = "status", "error"
 COL_SOURCE_SIZE, COL_SOURCE_MTIME, COL_RUN_ID = "source_size", "source_mtime_ns", "run_id"
 COL_OOD = "out_of_distribution"
+# where a DICOM image sits (null for other images), to group slices into series and studies;
+# brainray.unpack.DicomTags has one field per column, of the same name
+COL_STUDY_UID, COL_SERIES_UID = "study_instance_uid", "series_instance_uid"
+COL_SOP_UID, COL_MODALITY = "sop_instance_uid", "modality"
+COL_SERIES_DESCRIPTION, COL_INSTANCE_NUMBER = "series_description", "instance_number"
+DICOM_COLUMNS = (COL_STUDY_UID, COL_SERIES_UID, COL_SOP_UID, COL_MODALITY,
+                 COL_SERIES_DESCRIPTION, COL_INSTANCE_NUMBER)
 # What scoring carries per image besides the published columns (brainray.score)
 COL_PROBS, COL_OOD_REASON = "probs", "ood_reason"
 
@@ -63,7 +70,12 @@ def output_schema(classes: list[str]) -> pa.Schema:
            pa.field(COL_SOURCE_SIZE, pa.int64()), pa.field(COL_SOURCE_MTIME, pa.int64()),
            pa.field(COL_RUN_ID, pa.string(), nullable=False),
            # added: not brain MRI by brainray.ood's checks (such rows also get needs_review)
-           pa.field(COL_OOD, pa.bool_())],
+           pa.field(COL_OOD, pa.bool_()),
+           # added: the DICOM study/series identity of the image (null for non-DICOM)
+           pa.field(COL_STUDY_UID, pa.string()), pa.field(COL_SERIES_UID, pa.string()),
+           pa.field(COL_SOP_UID, pa.string()), pa.field(COL_MODALITY, pa.string()),
+           pa.field(COL_SERIES_DESCRIPTION, pa.string()),
+           pa.field(COL_INSTANCE_NUMBER, pa.int32())],
         metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
@@ -104,6 +116,8 @@ def output_table(batch: dict[str, np.ndarray], *, classes: list[str], model_id: 
         **{k: batch[k] for k in (COL_STATUS, COL_ERROR, COL_SOURCE_SIZE, COL_SOURCE_MTIME)},
         COL_RUN_ID: [run_id] * n,
         COL_OOD: _where_ok(batch[COL_OOD], ok, lambda f: None if f is None else bool(f)),
+        # batches from before the DICOM columns (tests, older callers) have none: nulls
+        **{k: batch[k] if k in batch else [None] * n for k in DICOM_COLUMNS},
     }
     return pa.table({k: _arrow_column(v, schema.field(k).type) for k, v in columns.items()},
                      schema=schema)

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import posixpath
 import time
 import urllib.parse
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import ray.data
@@ -32,7 +37,17 @@ from brainray.data import storage_errors_raised
 from brainray.explain import ReviewOverlays
 from brainray.predict import Predictor
 from brainray.presets import InferencePreset
-from brainray.unpack import SourceLimits, expand, is_supported
+from brainray.unpack import (
+    INDEX,
+    INPUT,
+    SourceImage,
+    SourceLimits,
+    expand,
+    identify,
+    is_archive,
+    needs_random_access,
+    probe_bytes,
+)
 
 IMAGES_PER_BLOCK = 64  # bounds memory when one archive expands into thousands of images
 # Decoding runs in CPU tasks of their own beside the actors (a 1-CPU actor leaves room for two),
@@ -58,8 +73,37 @@ def _valid_utf8(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def list_inputs(inputs: tuple[str, ...], options: StorageOptions) -> list[dict]:
-    """Every supported file under the input URIs, with size and mtime (metadata only)."""
+# Files whose name does not say what they are have their first bytes read, this many at once: on
+# S3 each is a round trip, and a PACS export names every DICOM file IM0001 or by UID.
+_PROBE_THREADS = 32
+_PROBE_CHUNK = 10_000  # files handed to the threads at a time (bounds the futures held)
+
+
+@dataclass(frozen=True)
+class InputListing:
+    """What listing the inputs found."""
+
+    files: list[dict]  # to score: uri, size, mtime_ns; sorted by URI
+    dicomdirs: list[str]  # DICOMDIRs set aside: the index of a DICOM file-set, not an image
+    already_scored: int = 0  # files skipped as scored by this model before
+
+
+def list_inputs(inputs: tuple[str, ...], options: StorageOptions,
+                scored: frozenset | set = frozenset()) -> InputListing:
+    """Every input file under the input URIs, with size and mtime, except those whose
+    (uri, size, mtime_ns) is in `scored`. The extension says what a file is; a file without a
+    known one has its first 132 bytes read and is DICOM when they hold the DICM marker."""
+    listed = _listed(inputs, options)
+    new = [f for f in listed if (display_uri(f["uri"]), f["size"], f["mtime_ns"]) not in scored]
+    kinds = _identify_all(new, options)
+    return InputListing(files=[f for f, kind in zip(new, kinds, strict=True) if kind == INPUT],
+                        dicomdirs=[f["uri"] for f, kind in zip(new, kinds, strict=True)
+                                   if kind == INDEX],
+                        already_scored=len(listed) - len(new))
+
+
+def _listed(inputs: tuple[str, ...], options: StorageOptions) -> list[dict]:
+    """Every file under the input URIs (metadata only), once, sorted by URI."""
     found: dict[str, dict] = {}
     for uri in inputs:
         try:
@@ -67,15 +111,39 @@ def list_inputs(inputs: tuple[str, ...], options: StorageOptions) -> list[dict]:
         except storage.StorageError as exc:
             raise type(exc)(f"input {exc}") from exc
         for entry in entries:
-            if is_supported(entry.path):
-                found[entry.uri] = {"uri": entry.uri, "size": entry.size,
-                                    "mtime_ns": entry.mtime_ns}
+            found[entry.uri] = {"uri": entry.uri, "size": entry.size, "mtime_ns": entry.mtime_ns}
     return [found[k] for k in sorted(found)]
+
+
+def _identify_all(files: list[dict], options: StorageOptions) -> list[str | None]:
+    """What each file is (unpack.INPUT, INDEX or None), by name, or by its first bytes when the
+    name does not tell."""
+    kinds: list[str | None] = [INPUT] * len(files)
+    unnamed = [i for i, f in enumerate(files) if probe_bytes(f["uri"])]
+    if not unnamed:
+        return kinds
+    with ThreadPoolExecutor(_PROBE_THREADS) as pool:
+        for start in range(0, len(unnamed), _PROBE_CHUNK):
+            chunk = unnamed[start:start + _PROBE_CHUNK]
+            probed = pool.map(lambda i: _probe(files[i]["uri"], options), chunk)
+            for i, kind in zip(chunk, probed, strict=True):
+                kinds[i] = kind
+    return kinds
+
+
+def _probe(uri: str, options: StorageOptions) -> str | None:
+    try:
+        head = storage.read_head(uri, probe_bytes(uri), options)
+    except storage.TransientStorageError:
+        raise
+    except storage.StorageError:
+        return INPUT  # unreadable (permissions, vanished): the read step records why
+    return identify(uri, head)
 
 
 _ROW_COLUMNS = (publish.COL_URI, publish.COL_MEMBER, publish.COL_FRAME, publish.COL_SHA256,
                 publish.COL_STATUS, publish.COL_ERROR, publish.COL_SOURCE_SIZE,
-                publish.COL_SOURCE_MTIME, "image", "colour")
+                publish.COL_SOURCE_MTIME, *publish.DICOM_COLUMNS, "image", "colour")
 
 
 def _empty_rows() -> dict[str, list]:
@@ -100,54 +168,95 @@ def read_and_preprocess(batch: dict[str, np.ndarray], *, options: StorageOptions
                         preset: InferencePreset, limits: SourceLimits, max_file_bytes: int,
                         events: Events | None = None):
     """Input files -> blocks of preprocessed images, one row per image; failures become rows.
-    With `events`, each block tells the driver how many more files are done."""
-    preprocess = preset.preprocess
-    blank = np.zeros((preprocess.image_size, preprocess.image_size), np.uint8)
+    Files expand lazily, so a task holds one block and one decoded image however many images
+    an archive holds. With `events`, each block tells the driver how many more files are done."""
+    image_size = preset.preprocess.image_size
     rows, files_done = _empty_rows(), 0
     for uri, size, mtime in zip(batch["uri"], batch["size"], batch["mtime_ns"], strict=True):
-        if size > max_file_bytes:
-            items, data = [], None
-            error = f"file is {size} bytes, over the limit of {max_file_bytes}"
-        else:
-            try:
-                data, error = storage.read_bytes(uri, options), ""
-                items = expand(uri, data, limits)
-            except storage.TransientStorageError:
-                # Storage down or throttling past the retries: fail the job (nothing is
-                # committed; the next run retries) rather than record the file as scored.
-                raise
-            except storage.StorageError as exc:
-                # Unreadable now (vanished since listing, permission denied) is not a property
-                # of the image: no row, so the next incremental run tries the file again.
-                _send_retry(events, display_uri(uri), _valid_utf8(str(exc)))
-                files_done += 1
-                continue
-        if not items:  # unreadable file, or an archive with no images
-            digest = hashlib.sha256(data).hexdigest() if data else None
-            items = [(None, None, None, digest, error or "no images found in file")]
-        else:
-            items = [(i.member, i.frame, i.image, i.content_sha256, i.error) for i in items]
-        for member, frame, image, digest, item_error in items:
-            pixels, colour = blank, 0.0
-            if not item_error:
-                try:
-                    pixels, colour = preset.image(image)
-                except (OSError, ValueError) as exc:
-                    item_error = f"cannot preprocess image: {exc}"
-            status = publish.STATUS_ERROR if item_error else publish.STATUS_OK
-            values = (display_uri(uri), member, frame, digest, status, item_error or None,
-                      int(size), int(mtime), pixels, colour)
-            for key, value in zip(_ROW_COLUMNS, values, strict=True):
-                rows[key].append(value)
+        source = (display_uri(uri), int(size), int(mtime))
+        for item in _source_images(uri, int(size), options, limits, max_file_bytes, events):
+            _add_row(rows, source, item, preset)
             if len(rows[publish.COL_URI]) >= IMAGES_PER_BLOCK:
                 _send_files(events, files_done)
                 files_done = 0
-                yield _to_block(rows, preprocess.image_size)
+                yield _to_block(rows, image_size)
                 rows = _empty_rows()
         files_done += 1
     _send_files(events, files_done)
     if rows[publish.COL_URI]:
-        yield _to_block(rows, preprocess.image_size)
+        yield _to_block(rows, image_size)
+
+
+def _source_images(uri: str, size: int, options: StorageOptions, limits: SourceLimits,
+                   max_file_bytes: int, events: Events | None) -> Iterator[SourceImage]:
+    """The file's images as they are decoded. An archive is streamed, so only other files are
+    held to `max_file_bytes`; the archive limits bound what an archive expands into."""
+    if size > max_file_bytes and not is_archive(uri):
+        yield _file_failure(f"file is {size} bytes, over the limit of {max_file_bytes}")
+        return
+    found = False
+    try:
+        with _open_input(uri, options) as source:
+            for item in expand(uri, source, limits):
+                found = True
+                yield item
+    except storage.TransientStorageError:
+        # Storage down or throttling past the retries: fail the job (nothing is committed; the
+        # next run retries) rather than record the file as scored.
+        raise
+    except storage.StorageError as exc:
+        reason = _valid_utf8(str(exc))
+        if not found:
+            # Unreadable now (vanished since listing, permission denied) is not a property of
+            # the image: no row, so the next incremental run tries the file again.
+            _send_retry(events, display_uri(uri), reason)
+            return
+        # Part of a streamed archive is already in rows (perhaps in blocks sent on), and any
+        # row marks the file scored in the index: say that the rest is missing. A file replaced
+        # while read has a new size or mtime, so the next run scores it again anyway.
+        yield _file_failure(f"read failed part-way, after the rows before this one: {reason}")
+        return
+    if not found:  # an archive with no images
+        yield _file_failure("no images found in file")
+
+
+def _open_input(uri: str, options: StorageOptions) -> IO[bytes]:
+    """Archives are streamed (a zip over ranged reads: its directory is at its end); a plain
+    image or DICOM file is one image, read whole."""
+    if not is_archive(uri):
+        return io.BytesIO(storage.read_bytes(uri, options))
+    if needs_random_access(uri):
+        return storage.open_seekable(uri, options)
+    return storage.open_stream(uri, options)
+
+
+def _file_failure(reason: str) -> SourceImage:
+    return SourceImage(member=None, frame=None, image=None, content_sha256="", error=reason)
+
+
+def _add_row(rows: dict[str, list], source: tuple[str, int, int], item: SourceImage,
+             preset: InferencePreset) -> None:
+    """One image (or failure) as a row: the checkpoint's preprocessing applied, the decoded
+    image dropped."""
+    error, colour, pixels = item.error, 0.0, None
+    if not error:
+        try:
+            pixels, colour = preset.image(item.image)
+        except (OSError, ValueError) as exc:
+            error = f"cannot preprocess image: {exc}"
+    if pixels is None:
+        size = preset.preprocess.image_size
+        pixels = np.zeros((size, size), np.uint8)
+    uri, size_bytes, mtime = source
+    status = publish.STATUS_ERROR if error else publish.STATUS_OK
+    # content_sha256 is null when the bytes were not read (refused member, unreadable file)
+    values = (uri, item.member, item.frame, item.content_sha256 or None, status, error or None,
+              size_bytes, mtime,
+              *(getattr(item.dicom, column) if item.dicom else None
+                for column in publish.DICOM_COLUMNS),
+              pixels, colour)
+    for key, value in zip(_ROW_COLUMNS, values, strict=True):
+        rows[key].append(value)
 
 
 def _send_files(events: Events | None, files: int) -> None:
@@ -280,17 +389,14 @@ def scoring_key(model_id: str, threshold: float, ood_check: bool) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _files_to_score(config: ScoreConfig, key: str) -> tuple[list[dict], int]:
-    """The inputs' files not yet scored under this key (all with --rescore), and how many
-    were; from the output's index (one small file, whatever the history)."""
-    files = list_inputs(config.inputs, config.storage)
-    if not config.incremental:
-        return files, 0
-    done = scored_index.scored(config.output, publish.current_index(config.output,
-                                                                    config.storage),
-                               key, config.storage)
-    new = [f for f in files if (display_uri(f["uri"]), f["size"], f["mtime_ns"]) not in done]
-    return new, len(files) - len(new)
+def _files_to_score(config: ScoreConfig, key: str) -> InputListing:
+    """The inputs' files not yet scored under this key (all with --rescore); from the output's
+    index (one small file, whatever the history)."""
+    scored = (scored_index.scored(config.output,
+                                  publish.current_index(config.output, config.storage),
+                                  key, config.storage)
+              if config.incremental else frozenset())
+    return list_inputs(config.inputs, config.storage, scored)
 
 
 def _scored(config: ScoreConfig, files: list[dict], checkpoint: dict, model_uri: str,
@@ -371,14 +477,18 @@ def run_scoring(config: ScoreConfig) -> dict:
         for line in publish.recover(config.output, options):
             say(line)
         publish.check_compatible(config.output, checkpoint["classes"], options)
-        files, skipped = _files_to_score(config, key)
+        listing = _files_to_score(config, key)
+        files, skipped = listing.files, {"skipped_files": listing.already_scored,
+                                         "skipped_dicomdirs": len(listing.dicomdirs)}
         say(f"{len(files)} file(s) to score with model {checkpoint['model_name']} ({model_id}); "
-            f"{skipped} already scored with these settings")
+            f"{listing.already_scored} already scored with these settings; "
+            f"{len(listing.dicomdirs)} DICOMDIR(s) skipped (the index of a DICOM file-set, "
+            "not an image)")
         if not files:
-            return {"images": 0, "files": 0, "skipped_files": skipped, "model_id": model_id}
+            return {"images": 0, "files": 0, **skipped, "model_id": model_id}
         wall_s, retries = _score_files(config, files, checkpoint, model_uri, threshold, run_id)
         summary = {**publish.summarize(publish.staging_uri(config.output, run_id), options,
-                                       threshold), "files": len(files), "skipped_files": skipped,
+                                       threshold), "files": len(files), **skipped,
                    "model_id": model_id, "scoring_key": key, "classes": checkpoint["classes"],
                    "run_id": run_id, "wall_s": wall_s, "retry_next_run": retries}
         summary["images_per_s"] = summary["images"] / max(wall_s, 1e-9)
@@ -394,6 +504,9 @@ def _print_summary(summary: dict, output: str) -> None:
         f"review (confidence below {summary['confidence_threshold']:.3f} or out of "
         f"distribution: {summary['out_of_distribution']})")
     say(f"predicted: {summary['predicted']}")
+    if summary["skipped_dicomdirs"]:
+        say(f"skipped {summary['skipped_dicomdirs']} DICOMDIR(s): the index of a DICOM "
+            "file-set, not an image")
     say(f"committed run {summary['run_id']} to "
         f"{storage.redact(posixpath.join(output, publish.SCORES_DIR))}")
     retries = summary["retry_next_run"]

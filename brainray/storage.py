@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -241,7 +242,117 @@ def ensure_writable(uri: str, options: StorageOptions | None = None) -> None:
 
 
 def copy_file(src: str, dst: str, options: StorageOptions | None = None) -> None:
-    write_bytes(dst, read_bytes(src, options), options)
+    """Copy one file without holding it in memory: within S3 a server-side copy (the bytes never
+    leave the store), otherwise streamed in chunks. A local target is written beside and
+    renamed, so it is never half-written."""
+    src_fs, src_path = resolve(src, options)
+    dst_fs, dst_path = resolve(dst, options)
+    try:
+        if not isinstance(dst_fs, pafs.LocalFileSystem):
+            _copy(src_fs, src_path, dst_fs, dst_path)
+            return
+        Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{dst_path}.tmp-{uuid.uuid4().hex}"
+        _copy(src_fs, src_path, dst_fs, tmp)
+        os.replace(tmp, dst_path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{redact(src)} does not exist") from exc
+    except OSError as exc:
+        raise _wrap(src, f"copy to {redact(dst)}", exc) from exc
+
+
+def _copy(src_fs: pafs.FileSystem, src_path: str, dst_fs: pafs.FileSystem,
+          dst_path: str) -> None:
+    if type(src_fs) is type(dst_fs):  # both S3 (one endpoint: one options) or both local
+        src_fs.copy_file(src_path, dst_path)
+    else:
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs,
+                        destination_filesystem=dst_fs, chunk_size=_COPY_CHUNK_BYTES)
+
+
+# Reads of archives and large files go through a buffer: on S3 each refill is one ranged GET, so
+# a stream is fetched in few requests and never held whole. Zip members are read at scattered
+# offsets (a seek outside the buffer drops it), so its buffer is smaller.
+_STREAM_BUFFER_BYTES = 8 * 1024**2
+_SEEKABLE_BUFFER_BYTES = 1024**2
+_COPY_CHUNK_BYTES = 8 * 1024**2
+
+
+class _Reader(io.RawIOBase):
+    """A local file or S3 object opened for reading, whose failures are StorageErrors naming the
+    URI (TransientStorageError for outages): a reader can then tell the storage failing from
+    the bytes being bad."""
+
+    def __init__(self, raw, uri: str):
+        super().__init__()
+        self._raw, self._uri = raw, uri
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._raw.readinto(buffer)
+        except OSError as exc:
+            raise _wrap(self._uri, "read", exc) from exc
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return self._raw.seek(offset, whence)
+        except OSError as exc:
+            raise _wrap(self._uri, "read", exc) from exc
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+def _open_raw(uri: str, options: StorageOptions | None, seekable: bool) -> _Reader:
+    fs, path = resolve(uri, options)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            raw = open(path, "rb", buffering=0)  # closed with the _Reader
+        elif seekable:
+            raw = fs.open_input_file(path)
+        else:
+            raw = fs.open_input_stream(path, compression=None)  # never decompress on the way
+    except FileNotFoundError as exc:
+        raise StorageError(f"{redact(uri)} does not exist") from exc
+    except OSError as exc:
+        raise _wrap(uri, "read", exc) from exc
+    return _Reader(raw, uri)
+
+
+def open_stream(uri: str, options: StorageOptions | None = None) -> io.BufferedReader:
+    """A file or object opened to be read front to back (a tar, a large image), in large
+    buffered reads. Use as a context manager; read errors raise StorageError."""
+    return io.BufferedReader(_open_raw(uri, options, seekable=False), _STREAM_BUFFER_BYTES)
+
+
+def open_seekable(uri: str, options: StorageOptions | None = None) -> io.BufferedReader:
+    """A file or object opened for random access (a zip: its directory is at the end), over
+    ranged reads on S3. Use as a context manager; read errors raise StorageError."""
+    return io.BufferedReader(_open_raw(uri, options, seekable=True), _SEEKABLE_BUFFER_BYTES)
+
+
+def read_head(uri: str, nbytes: int, options: StorageOptions | None = None) -> bytes:
+    """At most the first `nbytes` of a file or object, in one ranged read (to tell a file's type
+    by its content without reading it)."""
+    with _open_raw(uri, options, seekable=False) as raw:
+        head = b""
+        while len(head) < nbytes:  # a raw read may return less than asked
+            chunk = raw.read(nbytes - len(head))
+            if not chunk:
+                break
+            head += chunk
+        return head
 
 
 def move(src: str, dst: str, options: StorageOptions | None = None) -> None:

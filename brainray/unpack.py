@@ -1,12 +1,15 @@
 """Expand one input file (an image, a DICOM or an archive of them) into the images to score.
 
-Pure and Ray-free: it receives the file's bytes and never touches storage, the network or the disk.
+Pure and Ray-free: it reads a file object it is handed (never storage, the network or the disk
+itself) and yields each image as soon as it is decoded, so memory holds one source image at a
+time however many an archive or a multi-frame DICOM holds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import lzma
 import re
 import stat
@@ -15,6 +18,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import IO
@@ -25,6 +29,7 @@ from PIL import Image
 from pydicom import uid
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_rescale,
@@ -34,6 +39,7 @@ from pydicom.pixels import (
     iter_pixels,
 )
 from pydicom.pixels.utils import get_nr_frames
+from pydicom.sequence import Sequence
 
 from brainray.config import IMAGE_EXTENSIONS
 from brainray.transforms import ImageDecodeError, decode_image
@@ -46,6 +52,13 @@ _IMAGE, _DICOM, _ARCHIVE = "image", "dicom", "archive"
 _DICOM_MAGIC = b"DICM"
 _DICOM_MAGIC_OFFSET = 128  # a DICOM file is a 128-byte preamble, then b"DICM"
 _MAGIC_END = _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)
+
+# What `identify` needs to see of a file whose name does not tell: the DICM marker, or for a file
+# named like a DICOMDIR its file meta group too (which names its SOP class; ~200 bytes).
+DICOM_PROBE_BYTES = _MAGIC_END
+DICOMDIR_PROBE_BYTES = 4096
+INPUT, INDEX = "input", "index"  # what `identify` finds: an input to score, a DICOMDIR to skip
+DICOMDIR_REASON = "a DICOMDIR (the index of a DICOM file-set), not an image"
 
 # What the standard library raises on corrupt, truncated, encrypted or exotic archives.
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError,
@@ -60,7 +73,22 @@ class SourceLimits:
     max_frames: int = 2_000  # per DICOM file
     max_member_bytes: int = 512 * 1024**2  # uncompressed size of one archive member
     max_archive_bytes: int = 4 * 1024**3  # uncompressed bytes read from one archive in total
+    # pixels decoded from one archive in total (every member and frame): a few KiB of PNG can
+    # hold a 3000x3000 black image, so bytes alone do not bound the decoding work
+    max_archive_pixels: int = 16 * 1024**3
     max_members: int = 100_000  # entries of one archive, directories and skipped files included
+
+
+@dataclass(frozen=True)
+class DicomTags:
+    """Where a DICOM image sits in its study and series (to group slices); no patient data."""
+
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    modality: str | None
+    series_description: str | None
+    instance_number: int | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +100,7 @@ class SourceImage:
     image: Image.Image | None  # decoded image (None when error)
     content_sha256: str  # sha256 of the file or archive member; "" when its bytes were not read
     error: str  # "" when ok, else a readable reason
+    dicom: DicomTags | None = None  # for DICOM files whose header could be read
 
     @property
     def ok(self) -> bool:
@@ -83,16 +112,53 @@ def is_supported(name: str) -> bool:
     return _kind_by_name(name) is not None
 
 
-def expand(name: str, data: bytes, limits: SourceLimits = SourceLimits()) -> list[SourceImage]:
-    """Every image in the file `name` (used only for its extension) whose bytes are `data`.
+def is_archive(name: str) -> bool:
+    """Archives are read as a stream of members; anything else is one image file, read whole."""
+    return _kind_by_name(name) == _ARCHIVE
 
-    Never raises on bad input: each unreadable file, unsafe or oversized member and undecodable
-    frame becomes a SourceImage with `error` set and no image.
+
+def needs_random_access(name: str) -> bool:
+    """A zip's directory is at its end, so `expand` needs a seekable file for it."""
+    return name.lower().endswith(".zip")
+
+
+def probe_bytes(name: str) -> int:
+    """How many leading bytes `identify` needs to tell what the file `name` is; 0 when the name
+    says it (an image, DICOM or archive extension)."""
+    if _is_dicomdir_name(name):
+        return DICOMDIR_PROBE_BYTES
+    return 0 if is_supported(name) else DICOM_PROBE_BYTES
+
+
+def identify(name: str, head: bytes) -> str | None:
+    """INPUT, INDEX (a DICOMDIR: skip it) or None (not an image), from the file's first
+    `probe_bytes(name)` bytes: PACS exports name DICOM files IM0001 or by UID, without extension."""
+    if _is_dicomdir_name(name) and _has_dicom_magic(head):
+        if _media_sop_class(head) == uid.MediaStorageDirectoryStorage:
+            return INDEX
+    return INPUT if is_supported(name) or _has_dicom_magic(head) else None
+
+
+def expand(name: str, source: IO[bytes],
+           limits: SourceLimits = SourceLimits()) -> Iterator[SourceImage]:
+    """Every image in the file `name` (used only for its extension), read from the binary file
+    `source` (seekable for a zip: see `needs_random_access`), yielded as each is decoded.
+
+    Archives are read member by member (a tar front to back); any other file is read whole.
+    Never raises on bad content: each unreadable file, unsafe or oversized member and
+    undecodable frame becomes a SourceImage with `error` set and no image. What `source` itself
+    raises (the storage failing) propagates unchanged, for the caller to decide.
     """
     kind = _kind_by_name(name)
-    if kind == _ARCHIVE:
-        return _expand_archive(name, data, limits)
-    return _expand_file(kind, data, None, limits)
+    guarded = _Guarded(source)
+    try:
+        if kind == _ARCHIVE:
+            yield from _expand_archive(name, guarded, limits)
+        else:
+            yield from _expand_file(kind, guarded.read(), None, limits)
+    except _SourceFailed as failed:
+        cause = failed.__cause__
+        raise cause from cause.__cause__
 
 
 # --- type detection ---------------------------------------------------------------------------
@@ -107,16 +173,72 @@ def _kind_by_name(name: str) -> str | None:
     return None
 
 
+def _is_dicomdir_name(name: str) -> bool:
+    # PS3.10 names a file-set's index DICOMDIR; copies and test sets add suffixes to it.
+    return re.split(r"[\\/]", name)[-1].upper().startswith("DICOMDIR")
+
+
 def _has_dicom_magic(data: bytes) -> bool:
     return data[_DICOM_MAGIC_OFFSET:_MAGIC_END] == _DICOM_MAGIC
+
+
+def _media_sop_class(head: bytes) -> str:
+    """The file meta's Media Storage SOP Class UID, read from the start of a DICOM file."""
+    try:
+        with _quiet():
+            ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, specific_tags=[])
+            return str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    except MemoryError:
+        raise
+    except Exception:  # a head cut inside the meta group, or no DICOM after all
+        return ""
+
+
+def _is_dicomdir(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    media = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+    return media == uid.MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds
+
+
+class _SourceFailed(Exception):
+    """The caller's file failed (storage, network), as opposed to its content being bad."""
+
+
+class _Guarded:
+    """The caller's file, its own failures wrapped in _SourceFailed: the zip, tar and image
+    libraries would otherwise report them as a corrupt archive."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._call(self._file.read, size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._call(self._file.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._call(self._file.tell)
+
+    def seekable(self) -> bool:
+        return self._call(self._file.seekable)
+
+    @staticmethod
+    def _call(method, *args):
+        try:
+            return method(*args)
+        except Exception as exc:
+            raise _SourceFailed() from exc
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _failure(member: str | None, sha: str, reason: str, frame: int | None = None) -> SourceImage:
-    return SourceImage(member=member, frame=frame, image=None, content_sha256=sha, error=reason)
+def _failure(member: str | None, sha: str, reason: str, frame: int | None = None,
+             dicom: DicomTags | None = None) -> SourceImage:
+    return SourceImage(member=member, frame=frame, image=None, content_sha256=sha, error=reason,
+                       dicom=dicom)
 
 
 def _describe(exc: BaseException) -> str:
@@ -126,16 +248,17 @@ def _describe(exc: BaseException) -> str:
 
 
 def _expand_file(kind: str | None, data: bytes, member: str | None,
-                 limits: SourceLimits) -> list[SourceImage]:
+                 limits: SourceLimits) -> Iterator[SourceImage]:
     """A plain image or DICOM; the DICOM magic wins over the extension (scanners omit it)."""
     if _has_dicom_magic(data):
-        return _expand_dicom(data, member, limits, force=False)
-    if kind == _DICOM:
+        yield from _expand_dicom(data, member, limits, force=False)
+    elif kind == _DICOM:
         # Old files and raw datasets lack the preamble; the extension is the only hint.
-        return _expand_dicom(data, member, limits, force=True)
-    if kind == _IMAGE:
-        return [_expand_image(data, member, limits)]
-    return [_failure(member, _sha256(data), "unsupported file type")]
+        yield from _expand_dicom(data, member, limits, force=True)
+    elif kind == _IMAGE:
+        yield _expand_image(data, member, limits)
+    else:
+        yield _failure(member, _sha256(data), "unsupported file type")
 
 
 # --- plain images -----------------------------------------------------------------------------
@@ -168,24 +291,38 @@ _COLOR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", 
 
 
 def _expand_dicom(data: bytes, member: str | None, limits: SourceLimits,
-                  force: bool) -> list[SourceImage]:
+                  force: bool) -> Iterator[SourceImage]:
     sha = _sha256(data)
     if not data:
-        return [_failure(member, sha, "empty file (0 bytes)")]
-    with warnings.catch_warnings():
-        # pydicom warns about every non-conformance it tolerates; the reasons that matter end
-        # up in the error item, and per-file warnings would flood the scoring workers' logs.
-        warnings.simplefilter("ignore")
-        try:
+        yield _failure(member, sha, "empty file (0 bytes)")
+        return
+    ds, tags, problem = _open_dicom(data, force, limits)
+    if ds is not None and _is_dicomdir(ds):
+        # An index of other files: skipped inside archives like any non-image member. Listing
+        # keeps DICOMDIRs out of scoring (they are counted there), so a plain one is rare.
+        if member is None:
+            yield _failure(member, sha, DICOMDIR_REASON)
+    elif problem:
+        yield _failure(member, sha, problem, dicom=tags)
+    else:
+        yield from _decode_frames(ds, member, sha, tags)
+
+
+def _open_dicom(data: bytes, force: bool,
+                limits: SourceLimits) -> tuple[Dataset | None, DicomTags | None, str]:
+    """(dataset, its tags, why its pixels must not be decoded: "" when fine); the dataset is
+    None when the file is unreadable."""
+    ds = None
+    try:
+        with _quiet():
             ds = _read_dicom(data, force)
-            problem = _dicom_problem(ds, limits)
-        except MemoryError:
-            raise
-        except Exception as exc:  # pydicom raises many types on malformed files
-            return [_failure(member, sha, f"not a readable DICOM file: {_describe(exc)}")]
-        if problem:
-            return [_failure(member, sha, problem)]
-        return _decode_frames(ds, member, sha)
+            if _is_dicomdir(ds):
+                return ds, None, ""
+            return ds, _dicom_tags(ds), _dicom_problem(ds, limits)
+    except MemoryError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed files
+        return None, None, f"not a readable DICOM file: {_withholding_values(exc, ds)}"
 
 
 def _read_dicom(data: bytes, force: bool) -> Dataset:
@@ -246,26 +383,114 @@ def _dicom_problem(ds: Dataset, limits: SourceLimits) -> str:
     return ""
 
 
-def _decode_frames(ds: Dataset, member: str | None, sha: str) -> list[SourceImage]:
-
-    items: list[SourceImage] = []
-    # One frame at a time: a long series never holds all its decoded frames as 16-bit or float.
+def _decode_frames(ds: Dataset, member: str | None, sha: str,
+                   tags: DicomTags | None) -> Iterator[SourceImage]:
+    # One frame at a time, each yielded before the next is decoded: a long series never holds
+    # its frames as 16-bit or float arrays, nor as images.
     frames = iter_pixels(ds)
+    index = 0
     while True:
-        index = len(items)
         try:
-            frame = next(frames, None)
-            if frame is None:
-                return items
-            image = _frame_to_image(frame, ds, index)
+            with _quiet():
+                frame = next(frames, None)
+                if frame is None:
+                    return
+                image = _frame_to_image(frame, ds, index)
         except MemoryError:
             raise
         except Exception as exc:  # decoder plugins raise assorted types on corrupt data
             reason = (f"cannot decode DICOM pixel data (transfer syntax "
-                      f"{_transfer_syntax_label(ds)}): {_describe(exc)}")
-            return [*items, _failure(member, sha, reason, frame=index)]
-        items.append(SourceImage(member=member, frame=index, image=image, content_sha256=sha,
-                                 error=""))
+                      f"{_transfer_syntax_label(ds)}): {_withholding_values(exc, ds)}")
+            yield _failure(member, sha, reason, frame=index, dicom=tags)
+            return
+        yield SourceImage(member=member, frame=index, image=image, content_sha256=sha, error="",
+                          dicom=tags)
+        index += 1
+
+
+def _dicom_tags(ds: Dataset) -> DicomTags:
+    number = _header_text(ds, "InstanceNumber")
+    try:
+        instance = int(float(number)) if number is not None else None
+    except (ValueError, OverflowError):
+        instance = None  # a malformed IS value: the column stays empty
+    if instance is not None and not -2**31 <= instance < 2**31:
+        instance = None  # outside IS's range (and the int32 column)
+    return DicomTags(
+        study_instance_uid=_header_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_header_text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_header_text(ds, "SOPInstanceUID"),
+        modality=_header_text(ds, "Modality"),
+        series_description=_header_text(ds, "SeriesDescription"),
+        instance_number=instance)
+
+
+def _header_text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed element: leave the column empty rather than fail the image
+        return None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+_SILENT = logging.NullHandler()
+
+
+@contextmanager
+def _quiet():
+    """pydicom warns and logs about every non-conformance it tolerates, often quoting the header
+    value at fault, which can be a patient's name: keep both out of the workers' logs. Its
+    decoders log from child loggers (pydicom.pixels...), whose records bypass a disabled parent
+    and reach the root handlers, so the "pydicom" logger stops them instead: only a handler
+    that drops them, and no propagation (and, having a handler, no last-resort stderr output)."""
+    logger = logging.getLogger("pydicom")
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [_SILENT], False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+_QUOTED = re.compile(r"""b?'[^']*'|b?"[^"]*\"""")
+_PIECES = re.compile(r"[\\^=\x00\r\n]")  # value separators: multi-values, name components
+
+
+def _withholding_values(exc: BaseException, ds: Dataset | None) -> str:
+    """_describe(exc) without header values: parser and decoder messages quote the value they
+    choke on, which may be patient data, and the error column is published."""
+    text = _QUOTED.sub("'...'", _describe(exc))
+    if ds is not None:
+        for value in sorted(_header_values(ds), key=len, reverse=True):
+            text = text.replace(value, "<withheld>")
+    return text
+
+
+def _header_values(ds: Dataset) -> set[str]:
+    """Every text piece (3+ characters) of the header's values, read raw: converting them is
+    what may have failed. Pixel data is skipped."""
+    found: set[str] = set()
+    for tag in list(ds.keys()):
+        if tag.group == 0x7FE0:
+            continue
+        try:
+            value = ds.get_item(tag).value  # raw bytes if never converted; never converts
+        except Exception:
+            continue
+        if isinstance(value, Sequence):
+            for item in value:
+                found |= _header_values(item)
+            continue
+        if isinstance(value, MultiValue):
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        found.update(piece.strip() for piece in _PIECES.split(text)
+                     if len(piece.strip()) >= 3 and piece.strip().isprintable())
+    return found
 
 
 def _frame_to_image(frame: np.ndarray, ds: Dataset, index: int) -> Image.Image:
@@ -383,21 +608,21 @@ class _StopExpanding(Exception):
         self.item = item
 
 
-def _expand_archive(name: str, data: bytes, limits: SourceLimits) -> list[SourceImage]:
-    items: list[SourceImage] = []
+def _expand_archive(name: str, source: _Guarded, limits: SourceLimits) -> Iterator[SourceImage]:
     try:
-        if name.lower().endswith(".zip"):
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                _expand_members(_zip_members(archive), limits, items)
+        if needs_random_access(name):
+            with zipfile.ZipFile(source) as archive:
+                yield from _expand_members(_zip_members(archive), limits)
         else:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-                _expand_members(_tar_members(archive), limits, items)
+            # "r|*": members in order from a forward-only stream, any compression; a tar on S3
+            # is read in a few large requests and never held whole
+            with tarfile.open(fileobj=source, mode="r|*") as archive:
+                yield from _expand_members(_tar_members(archive), limits)
     except _StopExpanding as stop:
-        items.append(stop.item)
+        yield stop.item
     except _ARCHIVE_ERRORS as exc:
-        # Unreadable from the start, or corrupt part-way (tar): keep what was already expanded.
-        items.append(_failure(None, _sha256(data), f"unreadable archive: {_describe(exc)}"))
-    return items
+        # Unreadable from the start, or corrupt part-way (tar): what was expanded stays.
+        yield _failure(None, "", f"unreadable archive: {_describe(exc)}")
 
 
 def _zip_members(archive: zipfile.ZipFile) -> Iterator[_Member]:
@@ -417,8 +642,12 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
 
 
 def _tar_members(archive: tarfile.TarFile) -> Iterator[_Member]:
-    for info in archive:  # reads headers lazily: a corrupt tail raises here, mid-expansion
+    # Headers are read lazily: a corrupt tail raises here, mid-expansion.
+    while (info := archive.next()) is not None:
         yield _Member(info.name, _tar_kind(info), info.size, partial(archive.extractfile, info))
+        # A TarFile remembers every header it has read, even from a stream; nothing here looks
+        # back, so forget them and memory stays flat over 100,000 members.
+        archive.members.clear()
 
 
 def _tar_kind(info: tarfile.TarInfo) -> str:
@@ -437,38 +666,54 @@ def _tar_kind(info: tarfile.TarInfo) -> str:
 class _Budget:
     members_left: int
     bytes_left: int
+    pixels_left: int
 
 
-def _expand_members(members: Iterable[_Member], limits: SourceLimits,
-                    items: list[SourceImage]) -> None:
-    """Append the images of every member to `items`; raises _StopExpanding at archive limits."""
-    budget = _Budget(limits.max_members, limits.max_archive_bytes)
+def _expand_members(members: Iterable[_Member], limits: SourceLimits) -> Iterator[SourceImage]:
+    """The images of every member, in order; raises _StopExpanding at an archive limit."""
+    budget = _Budget(limits.max_members, limits.max_archive_bytes, limits.max_archive_pixels)
     for member in members:
         if budget.members_left == 0:
             raise _StopExpanding(_failure(member.name, "", (
                 f"archive has more than {limits.max_members} members; stopped expanding")))
         budget.members_left -= 1
-        items.extend(_expand_member(member, limits, budget))
+        for item in _expand_member(member, limits, budget):
+            if item.image is not None:
+                _spend_pixels(item, limits, budget)
+            yield item
 
 
-def _expand_member(member: _Member, limits: SourceLimits, budget: _Budget) -> list[SourceImage]:
+def _spend_pixels(item: SourceImage, limits: SourceLimits, budget: _Budget) -> None:
+    pixels = item.image.width * item.image.height
+    if pixels > budget.pixels_left:
+        raise _StopExpanding(_failure(item.member, item.content_sha256, (
+            f"archive decodes to more than {limits.max_archive_pixels} pixels; stopped "
+            "expanding"), frame=item.frame, dicom=item.dicom))
+    budget.pixels_left -= pixels
+
+
+def _expand_member(member: _Member, limits: SourceLimits,
+                   budget: _Budget) -> Iterator[SourceImage]:
     if member.kind == _DIR or _is_os_metadata(member.name):
-        return []
+        return
     problem = _unsafe_reason(member)
     if problem:
-        return [_failure(member.name, "", problem)]
+        yield _failure(member.name, "", problem)
+        return
     kind = _kind_by_name(member.name)
     if kind == _ARCHIVE:
-        return [_failure(member.name, "", "nested archive not expanded")]
+        yield _failure(member.name, "", "nested archive not expanded")
+        return
     try:
         data = _read_member(member, kind, limits, budget)
-    except _StopExpanding:
-        raise
     except _ARCHIVE_ERRORS as exc:
-        return [_failure(member.name, "", f"cannot read archive member: {_describe(exc)}")]
+        yield _failure(member.name, "", f"cannot read archive member: {_describe(exc)}")
+        return
     if isinstance(data, str):
-        return [_failure(member.name, "", data)] if data else []
-    return _expand_file(kind, data, member.name, limits)
+        if data:  # "" = not an image, skipped silently
+            yield _failure(member.name, "", data)
+        return
+    yield from _expand_file(kind, data, member.name, limits)
 
 
 def _is_os_metadata(path: str) -> bool:

@@ -13,11 +13,12 @@ from PIL import Image
 
 from brainray import cli
 from brainray.checkpoint import make_checkpoint, serialize, with_fields
-from brainray.config import DEFAULT_CLASSES, PreprocessConfig
-from brainray.explain import GradCam, last_conv, overlay_name, render_overlay
+from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
+from brainray.explain import GradCam, last_conv, list_images, overlay_name, render_overlay
 from brainray.model import build_model
 from brainray.transforms import preprocess_image, to_model_input
 from tests.conftest import encode, synthetic_scan, write_tree
+from tests.test_unpack import _dicom
 
 SIZE = 32
 
@@ -138,3 +139,12 @@ def test_explain_rejects_an_unknown_target_class(checkpoint_file, tmp_path, caps
                     "--output", str(tmp_path / "out"), "--target-class", "astrocytoma"])
     assert code == 1
     assert "astrocytoma" in capsys.readouterr().err
+
+
+def test_explain_finds_extensionless_dicoms_in_a_folder(tmp_path):
+    # given a PACS-style export: DICOMs without extension beside a non-DICOM file without one
+    dicom = _dicom(np.zeros((8, 8), dtype=np.uint16))
+    write_tree(tmp_path, {"IM0001": dicom, "IM0002": dicom, "LOCKFILE": b"x" * 200})
+    # when its images are listed / then both DICOMs, and nothing else
+    assert list_images((str(tmp_path),), StorageOptions()) == [
+        str(tmp_path / "IM0001"), str(tmp_path / "IM0002")]

@@ -153,6 +153,28 @@ def test_the_schema_carries_its_version_and_only_grows_at_the_end():
     assert schema.names.index("out_of_distribution") > schema.names.index("run_id")
 
 
+def test_dicom_identity_columns_are_published_and_null_when_absent():
+    # given rows from a DICOM beside a batch shaped before the DICOM columns existed
+    dicom = {publish.COL_STUDY_UID: ["1.2"], publish.COL_SERIES_UID: ["1.2.3"],
+             publish.COL_SOP_UID: ["1.2.3.4"], publish.COL_MODALITY: ["MR"],
+             publish.COL_SERIES_DESCRIPTION: ["AX T2"], publish.COL_INSTANCE_NUMBER: [12]}
+    shaped = {"uri": np.array(["in/IM0001"], object), "member": np.full(1, None, object),
+              "frame": np.array([0], object), "content_sha256": np.array(["s"], object),
+              "status": np.array(["ok"], object), "error": np.full(1, None, object),
+              "source_size": np.full(1, 10), "source_mtime_ns": np.full(1, 20),
+              publish.COL_PROBS: np.full((1, len(CLASSES)), 0.25, np.float32),
+              publish.COL_NEEDS_REVIEW: np.zeros(1, bool), publish.COL_OOD: np.zeros(1, bool)}
+    # when shaped with and without them
+    table = publish.output_table({**shaped, **{k: np.array(v, object) for k, v in dicom.items()}},
+                                 classes=CLASSES, model_id="m", model_name="n", run_id="r")
+    bare = publish.output_table(shaped, classes=CLASSES, model_id="m", model_name="n",
+                                run_id="r")
+    # then the values are published as given (instance number as int32), else null
+    assert {k: table[k].to_pylist() for k in publish.DICOM_COLUMNS} == dicom
+    assert table.schema.field(publish.COL_INSTANCE_NUMBER).type == pa.int32()
+    assert all(bare[k].to_pylist() == [None] for k in publish.DICOM_COLUMNS)
+
+
 def test_the_index_is_one_file_that_grows_with_each_commit(tmp_path):
     uri, options = str(tmp_path / "out"), StorageOptions()
     for n, prefix in enumerate("abc", start=1):

@@ -34,7 +34,8 @@ IMAGE_SIZE = 32
 COLUMNS = ["uri", "member", "frame", "content_sha256", "predicted_label", "confidence",
            *[f"prob_{c}" for c in DEFAULT_CLASSES], "needs_review", "model_id", "model_name",
            "scored_at", "status", "error", "source_size", "source_mtime_ns", "run_id",
-           "out_of_distribution"]
+           "out_of_distribution", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+           "modality", "series_description", "instance_number"]
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +357,75 @@ def test_a_cpu_scoring_actor_takes_its_threads_from_the_node_it_runs_on(monkeypa
         monkeypatch.setattr(score.os, "cpu_count", lambda c=cores: c)
         assert score.actor_threads(0, concurrency) == expected
     assert score.actor_threads(3, 4) == 3  # --threads-per-actor wins
+
+
+# Patient-identifying attributes of the DICOM basic de-identification profile (PS3.15 E.1), each
+# with a value that cannot occur by chance in an output file or a log.
+_PATIENT_DATA = {
+    "PatientName": "Quagmire^Glenda^Marigold", "PatientID": "PID-77341-XQ",
+    "PatientBirthDate": "19470312", "PatientAddress": "42 Wallaby Way Springfield",
+    "OtherPatientIDs": "ALTPID-99812", "PatientTelephoneNumbers": "555-0199-3217",
+    "ReferringPhysicianName": "Hibbert^Julius^Ezekiel", "InstitutionName": "Shelbyville General",
+    "AccessionNumber": "ACC-555-10-Z", "PatientComments": "allergic to penicillin zq",
+}
+
+
+def _dicom_with_patient_data(pixels: bool = True, corrupt: bool = False) -> bytes:
+    """A DICOM full of patient data: an image, one without pixel data, or one whose compressed
+    frame is garbage (so that decoding fails and writes an error message)."""
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = dcmread(io.BytesIO(_dicom_bytes()))
+    for keyword, value in _PATIENT_DATA.items():
+        setattr(ds, keyword, value)
+    if corrupt:
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 " + _PATIENT_DATA["PatientID"].encode()])
+        ds["PixelData"].VR = "OB"
+    elif not pixels:
+        del ds.PixelData
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _texts(root: Path, since: float) -> dict[str, str]:
+    """Every file under root changed since `since`, as text; Parquet also as its decoded rows
+    and metadata (its pages may be compressed)."""
+    texts = {}
+    for path in (p for p in root.rglob("*") if p.is_file() and p.stat().st_mtime >= since):
+        text = path.read_bytes().decode("latin-1")
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            text += repr(table.to_pylist()) + repr(table.schema.metadata)
+        texts[str(path)] = text
+    return texts
+
+
+def test_no_patient_data_reaches_the_output_or_the_logs(ray_cluster, checkpoint_path, tmp_path,
+                                                        capfd):
+    # Given DICOMs full of patient data: extensionless, one without pixels, one undecodable
+    import ray
+
+    started = time.time() - 1
+    root = write_tree(tmp_path / "in", {
+        "IM0001": _dicom_with_patient_data(), "IM0002": _dicom_with_patient_data(pixels=False),
+        "IM0003": _dicom_with_patient_data(corrupt=True),
+        "bundle.zip": _zip({"IM0004": _dicom_with_patient_data(corrupt=True)})})
+    output = tmp_path / "out"
+    # When they are scored
+    assert _score(checkpoint_path, [root], output) == 0
+    time.sleep(2)  # worker output reaches the driver's log stream with a delay
+    # Then the rows are there (one ok, three errors) ...
+    scores = _read_scores(output)
+    assert sorted(scores.status) == ["error", "error", "error", "ok"]
+    # ... and no patient value is in any output file, the console or Ray's logs
+    captured = capfd.readouterr()
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    texts = {"stdout": captured.out, "stderr": captured.err, **_texts(output, 0),
+             **_texts(logs, started)}
+    leaks = [(name, value) for name, text in texts.items() for value in _PATIENT_DATA.values()
+             if value in text or value.replace("^", " ") in text]
+    assert not leaks

@@ -3,6 +3,8 @@ checkpoint (or the flag), Grad-CAM overlays of rows sent to review."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +16,9 @@ from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
 from brainray.explain import ReviewOverlays, review_overlay_name
 from brainray.model import build_model
 from brainray.presets import InferencePreset
-from brainray.publish import output_schema, output_table
+from brainray.publish import DICOM_COLUMNS, output_schema, output_table
 from brainray.score import Scorer, read_and_preprocess
-from brainray.unpack import SourceLimits
+from brainray.unpack import DicomTags, SourceLimits
 from tests.conftest import encode, synthetic_scan, write_tree
 from tests.test_ood import colour_photo, text_on_white
 
@@ -110,9 +112,21 @@ def test_ood_check_can_be_switched_off(tmp_path, batch):
     assert not rows["out_of_distribution"].any() and not rows["needs_review"].any()
 
 
+# The published columns as released, in order; a new column is appended here, never inserted.
+PUBLISHED = ["uri", "member", "frame", "content_sha256", "predicted_label", "confidence",
+             *[f"prob_{c}" for c in DEFAULT_CLASSES], "needs_review", "model_id", "model_name",
+             "scored_at", "status", "error", "source_size", "source_mtime_ns", "run_id",
+             "out_of_distribution",
+             "study_instance_uid", "series_instance_uid", "sop_instance_uid", "modality",
+             "series_description", "instance_number"]
+
+
 def test_the_published_schema_only_grows_at_the_end():
     names = output_schema(list(DEFAULT_CLASSES)).names
-    assert names[-2:] == ["run_id", "out_of_distribution"]
+    assert names == PUBLISHED
+    # the DICOM identity columns came last, and unpack.DicomTags carries one field per column
+    assert names[-len(DICOM_COLUMNS):] == list(DICOM_COLUMNS)
+    assert [f.name for f in dataclasses.fields(DicomTags)] == list(DICOM_COLUMNS)
     assert ood.DEFAULT_MEAN_RANGE[1] < 0.9  # documents (mostly white) stay outside
 
 

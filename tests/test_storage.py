@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -12,6 +15,7 @@ from brainray import storage
 from brainray.config import StorageOptions
 from brainray.storage import StorageError
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET
+from tests.faultproxy import Fault, FaultProxy
 
 # An endpoint that is never contacted: resolve() only builds the filesystem object.
 OFFLINE_S3 = StorageOptions(s3_endpoint="http://127.0.0.1:9", s3_region="us-east-1")
@@ -141,6 +145,58 @@ def test_copy_file_local(tmp_path):
     storage.write_bytes(src, b"payload")
     storage.copy_file(src, dst)
     assert Path(dst).read_bytes() == b"payload"
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["b.bin"]  # no temporary left
+
+
+def test_copy_file_does_not_hold_the_file_in_memory(tmp_path):
+    # Given a 48 MiB file
+    src, dst = tmp_path / "big.bin", tmp_path / "copy.bin"
+    src.write_bytes(os.urandom(48 * 1024**2))
+    # When it is copied under tracemalloc (which sees every Python bytes object)
+    tracemalloc.start()
+    try:
+        storage.copy_file(str(src), str(dst))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Then the copy is exact and no Python buffer near the file's size was made
+    assert dst.read_bytes() == src.read_bytes()
+    assert peak < 4 * 1024**2, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_copy_file_of_a_missing_source_names_it(tmp_path):
+    with pytest.raises(StorageError, match="nope.bin does not exist"):
+        storage.copy_file(str(tmp_path / "nope.bin"), str(tmp_path / "x.bin"))
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_open_seekable_and_open_stream_read_a_local_file(tmp_path):
+    # Given a zip on disk
+    path = tmp_path / "a.zip"
+    path.write_bytes(_zip_bytes({"x.txt": b"hello", "y.txt": b"world"}))
+    # When opened for random access / as a stream
+    with storage.open_seekable(str(path)) as source, zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with storage.open_stream(str(path)) as stream:
+        streamed = stream.read()
+    # Then zipfile can read it in place, and the stream gives every byte
+    assert members == {"x.txt": b"hello", "y.txt": b"world"}
+    assert streamed == path.read_bytes()
+
+
+def test_read_head_reads_at_most_the_first_bytes(tmp_path):
+    (tmp_path / "f").write_bytes(b"0123456789")
+    assert storage.read_head(str(tmp_path / "f"), 4) == b"0123"
+    assert storage.read_head(str(tmp_path / "f"), 132) == b"0123456789"  # shorter: all of it
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_head(str(tmp_path / "missing"), 4)
 
 
 def test_ensure_readable_dir_local(tmp_path):
@@ -260,6 +316,52 @@ def test_s3_copy_file_from_local(tmp_path, s3_bucket, s3_options):
     (tmp_path / "m.pt").write_bytes(b"weights")
     storage.copy_file(str(tmp_path / "m.pt"), f"s3://{bucket}/m.pt", s3_options)
     assert client.get_object(Bucket=bucket, Key="m.pt")["Body"].read() == b"weights"
+
+
+@pytest.mark.s3
+def test_s3_copy_file_within_s3_and_back_to_local(tmp_path, s3_bucket, s3_options):
+    # Given an object / When copied to another key (server-side) and down to a local file
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="a/part.parquet", Body=b"rows" * 1000)
+    storage.copy_file(f"s3://{bucket}/a/part.parquet", f"s3://{bucket}/b/part.parquet",
+                      s3_options)
+    storage.copy_file(f"s3://{bucket}/b/part.parquet", str(tmp_path / "part.parquet"),
+                      s3_options)
+    # Then both copies hold the bytes
+    assert client.get_object(Bucket=bucket, Key="b/part.parquet")["Body"].read() == b"rows" * 1000
+    assert (tmp_path / "part.parquet").read_bytes() == b"rows" * 1000
+
+
+@pytest.mark.s3
+def test_s3_open_seekable_reads_a_zip_in_place_and_read_head_its_start(s3_bucket, s3_options):
+    # Given a zip object
+    client, bucket = s3_bucket
+    data = _zip_bytes({f"m{i}.bin": bytes([i]) * 50_000 for i in range(20)})
+    client.put_object(Bucket=bucket, Key="in/batch.zip", Body=data)
+    uri = f"s3://{bucket}/in/batch.zip"
+    # When zipfile reads one member through a seekable file over ranged GETs
+    with storage.open_seekable(uri, s3_options) as source, zipfile.ZipFile(source) as archive:
+        member = archive.read("m7.bin")
+    # Then it gets that member, and read_head the object's first bytes
+    assert member == bytes([7]) * 50_000
+    assert storage.read_head(uri, 4, s3_options) == data[:4]
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.open_stream(f"s3://{bucket}/in/none.tar", s3_options)
+
+
+@pytest.mark.s3
+def test_s3_stream_whose_reads_keep_failing_raises_a_transient_error(s3_endpoint, s3_bucket):
+    # Given an object, and a proxy that throttles every GET (opening it only needs a HEAD)
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="in/a.tar", Body=b"x" * 100_000)
+    with FaultProxy(s3_endpoint, [Fault("503", first=10**6, method="GET")]) as proxy:
+        options = StorageOptions(s3_endpoint=proxy.url, s3_region="us-east-1")
+        # When the stream is read
+        with storage.open_stream(f"s3://{bucket}/in/a.tar", options) as stream:
+            with pytest.raises(storage.TransientStorageError) as info:
+                stream.read(10)
+    # Then the failure is a storage outage naming the object, not bad content
+    assert f"s3://{bucket}/in/a.tar" in str(info.value)
 
 
 @pytest.mark.s3
