@@ -115,7 +115,8 @@ def output_table(batch: dict[str, np.ndarray], *, classes: list[str], model_id: 
         COL_SCORED_AT: [dt.datetime.now(dt.UTC)] * n,
         **{k: batch[k] for k in (COL_STATUS, COL_ERROR, COL_SOURCE_SIZE, COL_SOURCE_MTIME)},
         COL_RUN_ID: [run_id] * n,
-        COL_OOD: _where_ok(batch[COL_OOD], ok, lambda f: None if f is None else bool(f)),
+        # Ray hands an all-null column back as NaN, and bool(NaN) is True: not checked stays null
+        COL_OOD: _where_ok(batch[COL_OOD], ok, lambda f: None if _is_missing(f) else bool(f)),
         # batches from before the DICOM columns (tests, older callers) have none: nulls
         **{k: batch[k] if k in batch else [None] * n for k in DICOM_COLUMNS},
     }

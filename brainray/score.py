@@ -474,9 +474,10 @@ def run_scoring(config: ScoreConfig) -> dict:
     key = scoring_key(model_id, threshold, config.ood_check)
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     with lease.Held(config.output, run_id, options, config.lease_ttl_s) as held:
+        # before recovery, so that an output another version or model wrote is left untouched
+        publish.check_compatible(config.output, checkpoint["classes"], options)
         for line in publish.recover(config.output, options):
             say(line)
-        publish.check_compatible(config.output, checkpoint["classes"], options)
         listing = _files_to_score(config, key)
         files, skipped = listing.files, {"skipped_files": listing.already_scored,
                                          "skipped_dicomdirs": len(listing.dicomdirs)}

@@ -158,7 +158,8 @@ def _trial_row(result, config: SearchConfig) -> dict:
 
 def results_table(grid, config: SearchConfig) -> pd.DataFrame:
     rows = [_trial_row(result, config) for result in grid]
-    return pd.DataFrame(rows).sort_values("best_val_loss", kind="stable").reset_index(drop=True)
+    # trial_id breaks ties, so that a restored search lists its trials in the same order
+    return pd.DataFrame(rows).sort_values(["best_val_loss", "trial_id"]).reset_index(drop=True)
 
 
 def best_trial(table: pd.DataFrame) -> dict | None:

@@ -422,7 +422,8 @@ def _publish_run(output: str, run_id: str, rows: list[tuple], threshold: float,
     staging = publish.staging_uri(output, run_id)
     storage.write_bytes(storage.join(staging, "0.parquet"), _parquet(table), options)
     summary = {**publish.summarize(staging, options, threshold), "files": len(rows),
-               "model_id": "model-1", "run_id": run_id}  # as brainray.score.run_scoring adds
+               "model_id": "model-1", "scoring_key": "key-1", "classes": list(DEFAULT_CLASSES),
+               "run_id": run_id}  # as brainray.score.run_scoring adds
     publish.mark_ready(output, run_id, summary, options)
     assert publish.commit(output, run_id, options) == []
 

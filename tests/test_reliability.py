@@ -313,10 +313,10 @@ def test_an_unwritable_local_output_fails_before_any_work(ray_cluster, model_pat
 
 # --- crashes during the commit ----------------------------------------------------------------
 
-# Commit steps (brainray.publish.commit) to SIGKILL a scoring job just before: the first copy,
-# the commit point, a rename into the published names, the cleanup. tests/test_publish.py kills
-# the commit itself at every step, locally and on S3; these go through the whole job.
-KILL_STEPS = ("copy 0", "manifest", "publish 1", "cleanup 0")
+# Commit steps (brainray.publish.commit) to SIGKILL a whole scoring job just before: the commit
+# point, and the first rename into the published names just after it. tests/test_publish.py kills
+# the commit itself before every step, locally and on S3; these go through the whole job.
+KILL_STEPS = ("manifest", "publish 0")
 
 
 @pytest.mark.ray
@@ -398,8 +398,9 @@ def test_a_model_with_other_classes_is_refused_for_an_existing_output(ray_cluste
     pq.write_table(output_schema(list(DEFAULT_CLASSES)).empty_table(),
                    output / "scores" / "part-old-0.parquet")
     (output / publish.MANIFEST).write_text(json.dumps({
-        "format": "brainray-scores-v1", "runs": [{"run_id": "old", "files": [
-            "part-old-0.parquet"]}]}))
+        "format": publish.MANIFEST_FORMAT, "schema_version": publish.SCHEMA_VERSION,
+        "classes": list(DEFAULT_CLASSES),
+        "runs": [{"run_id": "old", "index": None, "files": ["part-old-0.parquet"]}]}))
     manifest = (output / publish.MANIFEST).read_text()
     three = write_checkpoint(tmp_path / "three.pt", classes=("glioma", "meningioma", "notumor"))
     inputs = write_tree(tmp_path / "in", _images(1))

@@ -31,7 +31,9 @@ from tests.corpus import CORPUS, CORPUS_IDS, OK, CorpusItem, write_checkpoint, w
 IMAGE_SIZE = 32
 MEMORY_GROWTH_LIMIT = 200 * 1024**2  # per item; the bombs would need gigabytes if expanded
 # logs/: the job's console log (brainray.console), checked below for credentials too
-OUTPUT_ENTRIES = {"scores", "_manifest.json", "_SUCCESS", "_staging", "logs"}
+# _index/: what the output has scored; *.lock: the local stand-in for S3's conditional writes
+OUTPUT_ENTRIES = {"scores", "_manifest.json", "_SUCCESS", "_staging", "logs", "_index",
+                  "_manifest.json.lock", "_lease.json.lock"}
 
 
 def _item_uri(root: Path, item: CorpusItem) -> str:
