@@ -1,10 +1,11 @@
 """The whole benchmark suite in one run, on real images, with a Markdown summary.
 
     python -m bench [--data ../shared/data/brain-tumor-mri/Training] [--out bench-results.json]
-                    [--quick] [--time-to-accuracy RUN_DIR]
+                    [--quick] [--time-to-accuracy RUN_DIR] [--archives]
 
 Runs (1) bench.compute, (2)+(3) bench.training, (4) bench.scoring, (5) bench.scaling and, with
---time-to-accuracy, (6) bench.time_to_accuracy (trains if RUN_DIR has no finished run). Every
+--time-to-accuracy, (6) bench.time_to_accuracy (trains if RUN_DIR has no finished run), and with
+--archives, (7) bench.archives (a 300 MiB and a 3 GiB tar on a moto S3 server). Every
 figure and its reference are measured side by side in this run; the training and scoring jobs
 and their baselines run twice each, alternately, and are averaged. About 25 minutes on 2 cores
 (--quick: about 8, smaller sizes and shorter timings, for checking the suite works). Nothing
@@ -21,7 +22,7 @@ import platform
 
 import torch
 
-from bench import compute, scaling, scoring, time_to_accuracy, training
+from bench import archives, compute, scaling, scoring, time_to_accuracy, training
 from bench.common import DEFAULT_DATA
 
 TARGETS = {"train_step": 3.0, "pipeline": 0.9, "peer": 1.0, "score_limit": 0.9,
@@ -100,6 +101,14 @@ def summary_table(results: dict) -> str:
                          f"({tta['model']})", f"1-NN baseline {tta['baseline_1nn_test_accuracy']}",
                          None, "<= 15 min", tta["target_reached"]
                          and tta["training_wall_min"] <= 15))
+    a = results.get("archives")
+    if a:
+        growth = a["private_mb_largest_vs_smallest"]
+        rows.append(_row("(7) peak private memory of `brainray score` on a tar on S3, by size",
+                         " / ".join(f"{p['peak_process_private_mb']} MB at {p['size_mib']} MiB"
+                                    for p in a["points"]), "flat", growth, "<= 1.10",
+                         growth <= 1 + TARGETS["flat"]
+                         and all(p["all_images_scored"] for p in a["points"])))
     return "\n".join(rows)
 
 
@@ -110,6 +119,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the suite")
     parser.add_argument("--model", default="paper_cnn", choices=["paper_cnn", "bn_cnn"])
     parser.add_argument("--time-to-accuracy", metavar="RUN_DIR", default=None)
+    parser.add_argument("--archives", action="store_true",
+                        help="also (7): score tars on a moto S3 server (3 GiB: long, ~7 GB disk)")
     args = parser.parse_args()
     seconds = "5" if args.quick else "15"
     results: dict = {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -133,6 +144,10 @@ def main() -> None:
     if args.time_to_accuracy:
         results["time_to_accuracy"] = time_to_accuracy.main(
             ["--data", args.data, "--run-dir", args.time_to_accuracy])
+    if args.archives:
+        results["archives"] = archives.main(
+            ["--data", args.data, "--out", os.path.splitext(args.out)[0] + "-archives.json"]
+            + (["--sizes-mib", "40", "200"] if args.quick else []))
     results["summary"] = summary_table(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

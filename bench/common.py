@@ -93,9 +93,12 @@ class MemorySampler:
     on its own from Ray's memory summary.
     """
 
-    def __init__(self, interval: float = 1.0):
+    def __init__(self, interval: float = 1.0, root_pid: int | None = None):
         self.interval = interval
+        self.root_pid = root_pid  # None: this process; else another's tree (a CLI subprocess)
         self.peak_private_mb = 0.0
+        self.peak_rss_mb = 0.0
+        self.peak_driver_mb = (0.0, 0.0)  # (private, RSS) of the root process
         self.peak_object_store_mb = 0.0
         self.peak_spilled_mb = 0.0
         self.peak_by_process: dict[int, tuple[float, str]] = {}
@@ -112,12 +115,19 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            per_process = private_memory_by_process()
+            per_process = memory_by_process(self.root_pid)
             self.peak_private_mb = max(self.peak_private_mb,
-                                       sum(mb for mb, _ in per_process.values()))
-            for pid, (mb, name) in per_process.items():
+                                       sum(mb for mb, _, _ in per_process.values()))
+            self.peak_rss_mb = max(self.peak_rss_mb,
+                                   sum(rss for _, rss, _ in per_process.values()))
+            for pid, (mb, rss, name) in per_process.items():
                 if mb > self.peak_by_process.get(pid, (0.0, ""))[0]:
                     self.peak_by_process[pid] = (mb, name)
+                if name == "driver":
+                    self.peak_driver_mb = (max(self.peak_driver_mb[0], mb),
+                                           max(self.peak_driver_mb[1], rss))
+            if self.root_pid is not None:
+                continue  # Ray's memory summary answers only the process that joined the cluster
             store, spilled = object_store_mb()
             self.peak_object_store_mb = max(self.peak_object_store_mb, store)
             self.peak_spilled_mb = max(self.peak_spilled_mb, spilled)
@@ -130,19 +140,33 @@ class MemorySampler:
         return {"peak_process_private_mb": round(self.peak_private_mb),
                 "peak_object_store_mb": round(self.peak_object_store_mb),
                 "peak_spilled_mb": round(self.peak_spilled_mb),
+                "peak_process_rss_mb": round(self.peak_rss_mb),
+                "peak_driver_private_mb": round(self.peak_driver_mb[0]),
+                "peak_driver_rss_mb": round(self.peak_driver_mb[1]),
                 "peak_private_mb_largest_processes": {
                     f"{name} ({pid})": round(mb) for pid, (mb, name) in top}}
 
 
 def private_memory_by_process() -> dict[int, tuple[float, str]]:
     """{pid: (private MB, name)} for this process ("driver") and every process it started."""
-    me = psutil.Process()
+    return {pid: (mb, name) for pid, (mb, _, name) in memory_by_process().items()}
+
+
+def memory_by_process(root_pid: int | None = None) -> dict[int, tuple[float, float, str]]:
+    """{pid: (private MB, RSS MB, name)} for the root process ("driver"; default this one) and
+    every process it started; empty once the root has exited."""
+    try:
+        root = psutil.Process(root_pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
     out = {}
-    for process in [me, *me.children(recursive=True)]:
+    for process in processes:
         try:
             info = process.memory_info()
-            name = "driver" if process.pid == me.pid else process.name()
-            out[process.pid] = ((info.rss - getattr(info, "shared", 0)) / 2**20, name)
+            name = "driver" if process.pid == root.pid else process.name()
+            out[process.pid] = ((info.rss - getattr(info, "shared", 0)) / 2**20,
+                                info.rss / 2**20, name)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out

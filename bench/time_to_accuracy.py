@@ -5,8 +5,8 @@
     python -m bench.time_to_accuracy --run-dir runs/bn_light        # reports a finished run
 
 Training runs brainray's default recipe (brainray.config.RECIPES["default"]); --epochs and
---seed override it. Test accuracy is measured once, on the best checkpoint, as `brainray train` does;
-validation accuracy per epoch against elapsed training time shows when the plateau is reached.
+--seed override it. Test accuracy is measured once, on the best checkpoint, as `brainray train`
+does; validation accuracy per epoch against elapsed training time shows when the plateau is reached.
 This takes 20-40 minutes on 2 cores, so the suite runs it only with --time-to-accuracy.
 """
 

@@ -135,3 +135,51 @@ def test_gpu_check_records_a_failing_step_and_goes_on():
     gpu_check._step(steps, "fine", lambda: {"x": 1})
     assert steps["broken"]["ok"] is False and "ZeroDivisionError" in steps["broken"]["error"]
     assert steps["fine"]["ok"] is True and steps["fine"]["x"] == 1
+
+
+def test_archives_tar_holds_the_images_and_reaches_the_size_with_filler(tmp_path):
+    import tarfile
+
+    from bench import archives
+
+    images = archives.image_files(str(tmp_path / "no-such-data"), 6, tmp_path)
+    assert len(images) == 6 and all(name.endswith(".png") for name, _ in images)  # synthetic
+    target = 2 * archives.MIB
+    built = archives.build_tar(tmp_path / "a.tar", images, target)
+    assert built["tar_bytes"] == (tmp_path / "a.tar").stat().st_size >= target
+    assert built["tar_bytes"] < target + 64 * 1024  # the filler fills, it does not overshoot
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert sorted(n for n in names if n.startswith("images/")) == sorted(n for n, _ in images)
+    fillers = [m for m in members if m.name.startswith("filler/")]
+    assert len(fillers) == built["filler_members"] >= 1
+    assert sum(m.size for m in fillers) == built["filler_bytes"]
+    assert names[-1].startswith("images/")  # images after the last filler: read to the end
+
+
+def test_archives_filler_is_split_into_members_under_the_cap():
+    from bench import archives
+
+    sizes = archives.filler_sizes(3072 * archives.MIB, [100_000] * 64)
+    assert len(sizes) == 12 and max(sizes) <= archives.FILLER_MAX_BYTES
+    assert archives.filler_sizes(10_000, [100_000]) == []  # the images alone are enough
+
+
+def test_archives_summary_table_compares_the_largest_with_the_smallest():
+    from bench import archives
+
+    point = {"tar_bytes": 300 * archives.MIB, "images_in_tar": 64, "rows_ok": 64,
+             "job_wall_s": 30.0, "peak_driver_rss_mb": 500, "peak_process_private_mb": 1500,
+             "peak_process_rss_mb": 4000, "moto_peak_rss_mb": 900, "all_images_scored": True,
+             "size_mib": 300}
+    result = {"points": [point, {**point, "tar_bytes": 3072 * archives.MIB, "size_mib": 3072,
+                                 "moto_peak_rss_mb": 7000, "all_images_scored": False}],
+              "private_mb_largest_vs_smallest": 1.02, "rss_mb_largest_vs_smallest": 1.01}
+    lines = archives.summary_table(result).splitlines()
+    assert lines[2] == "| 300 | 64 | 64 | 30.0 | 500 | 1500 / 4000 | 900 | yes |"
+    assert lines[3].startswith("| 3072 |") and lines[3].endswith("| 7000 | NO |")
+    assert "largest vs smallest archive: 1.02 (RSS: 1.01)" in lines[-1]
+    suite = summary_table({"archives": result}).splitlines()[-1]
+    assert "1500 MB at 300 MiB / 1500 MB at 3072 MiB" in suite
+    assert suite.endswith("| **missed** |")  # flat, but not every image was scored
