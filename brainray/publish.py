@@ -207,6 +207,12 @@ def read_columns(uri: str, columns: tuple[str, ...], options: StorageOptions) ->
     return table.select(list(columns))
 
 
+def published_classes(output: str, options: StorageOptions) -> list[str] | None:
+    """The classes of the model(s) whose scores the output holds (None before the first
+    commit): the order of its prob_<class> columns."""
+    return _manifest(output, options)[0].get("classes")
+
+
 def check_compatible(output: str, classes: list[str], options: StorageOptions) -> None:
     """Refuse, before any work, to add rows to an output whose files another schema version or
     another set of classes wrote: one dataset must read as one table."""

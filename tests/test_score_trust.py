@@ -71,7 +71,8 @@ def _score(tmp_path, batch, threshold=None, explain=False, **fields):
 def test_out_of_distribution_rows_are_flagged_and_sent_to_review(tmp_path, batch):
     rows = _score(tmp_path, batch, threshold=0.0, explain=True)
     rows.index = [uri.rsplit("/", 1)[-1] for uri in rows.uri]
-    assert list(rows.columns)[-1] == "out_of_distribution"
+    columns = list(rows.columns)  # columns are only ever added: after the original ones
+    assert columns.index("out_of_distribution") > columns.index("run_id")
     assert rows.loc[["photo.jpg", "blank.png", "document.png"], "out_of_distribution"].all()
     assert not rows.filter(like="scan_", axis=0).out_of_distribution.any()
     # threshold 0: only out-of-distribution rows need review; they still get probabilities
