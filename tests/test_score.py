@@ -240,7 +240,7 @@ def test_killed_run_then_rerun_leaves_each_image_exactly_once(ray_cluster, check
     # Given a scoring job process that is killed (SIGKILL) while it is writing its output
     import ray
 
-    root = write_tree(tmp_path / "in", _images(40))
+    root = write_tree(tmp_path / "in", _images(16))
     output = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "jobs.score", "--model", str(checkpoint_path), "--input",
@@ -265,7 +265,7 @@ def test_killed_run_then_rerun_leaves_each_image_exactly_once(ray_cluster, check
     # Then every image is in the published output exactly once
     scores = _read_scores(output)
     assert killed, "the job finished before it could be killed part-way"
-    assert len(scores) == 40 and scores.uri.is_unique
+    assert len(scores) == 16 and scores.uri.is_unique
 
 
 @pytest.mark.parametrize("use_gpu, explain_dir, expected", [

@@ -3,8 +3,14 @@ bad files, fine-tuning, EMA."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -107,28 +113,6 @@ def test_train_on_s3_with_two_workers_then_evaluate(ray_cluster, s3_bucket, s3_o
     # And the fake secret key never shows up in what the jobs printed
     out, err = capfd.readouterr()
     assert FAKE_SECRET not in out + err
-
-
-def test_relaunch_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path, capfd):
-    # Given a run that stopped after its first epoch
-    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
-    run_dir = tmp_path / "runs" / "resumable"
-    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "1",
-                *FAST]) == 0
-    first = json.loads((run_dir / "metrics.json").read_text())
-    capfd.readouterr()
-
-    # When it is relaunched with the same run dir and a larger epoch budget
-    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "2",
-                *FAST]) == 0
-
-    # Then it continues at epoch 2 instead of starting over, keeping epoch 1's history
-    out, _ = capfd.readouterr()
-    assert "resuming from the checkpoint of epoch 1" in out
-    second = json.loads((run_dir / "metrics.json").read_text())
-    assert [h["epoch"] for h in second["history"]] == [1, 2]
-    assert second["history"][0] == first["history"][0]
-    assert second["resumed_at_epochs"] == [2] and first["resumed_at_epochs"] == []
 
 
 def _config_of(*flags: str):
@@ -237,43 +221,77 @@ def test_weights_that_do_not_fit_are_refused_before_any_data_is_read(ray_cluster
     assert "does not fit resnet50" in err and "no-data-here" not in err
 
 
-def test_an_ema_run_resumes_from_its_raw_weights(ray_cluster, tmp_path, capfd):
-    # Given an EMA run stopped after one epoch
-    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
-    run_dir = tmp_path / "runs" / "ema"
-    flags = ["train", "--data", str(data), "--run-dir", str(run_dir), "--ema-decay", "0.5", *FAST]
-    assert run([*flags, "--epochs", "1"]) == 0
-    state = torch.load(next(run_dir.glob("checkpoint_*")) / "train_state.pt", weights_only=True)
-    capfd.readouterr()
-    # When relaunched for a second epoch
-    assert run([*flags, "--epochs", "2"]) == 0
-    # Then it resumed (the train state kept the raw weights and the average's count)
+@dataclass
+class Relaunched:
+    """A run stopped after its first epoch and relaunched for a second: EMA on, tracked in a
+    sqlite MLflow store (one expensive pair of runs that three tests read)."""
+
+    run_dir: Path
+    store: str
+    first: dict  # metrics.json after the first launch
+    first_state: dict  # the train state of epoch 1's checkpoint
+    relaunch_out: str  # what the relaunch printed
+
+
+@contextlib.contextmanager
+def _stdout_fd_captured():
+    """What the process writes to file descriptor 1 in the block (brainray's console writes to
+    a copy of it, which capfd cannot reach from a module-scoped fixture)."""
+    sys.stdout.flush()
+    saved, printed = os.dup(1), io.StringIO()
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield printed
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            printed.write(sink.read().decode(errors="replace"))
+            printed.seek(0)
+
+
+@pytest.fixture(scope="module")
+def relaunched(ray_cluster, tmp_path_factory) -> Relaunched:
+    root = tmp_path_factory.mktemp("relaunched")
+    data = write_tree(root / "data", tiny_dataset_files(per_class=8))
+    run_dir, store = root / "runs" / "resumable", f"sqlite:///{root / 'mlflow.db'}"
+    flags = ["train", "--data", str(data), "--run-dir", str(run_dir), "--ema-decay", "0.5",
+             "--mlflow-tracking-uri", store, "--mlflow-experiment", "brainray-ci", *FAST]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # MLflow's default artifact root is ./mlruns
+        assert run([*flags, "--epochs", "1"]) == 0
+        first = json.loads((run_dir / "metrics.json").read_text())
+        state = torch.load(next(run_dir.glob("checkpoint_*")) / "train_state.pt",
+                           weights_only=True)
+        with _stdout_fd_captured() as printed:
+            assert run([*flags, "--epochs", "2"]) == 0
+    return Relaunched(run_dir, store, first, state, printed.read())
+
+
+def test_relaunch_resumes_from_the_latest_checkpoint(relaunched):
+    # Then it continues at epoch 2 instead of starting over, keeping epoch 1's history
+    assert "resuming from the checkpoint of epoch 1" in relaunched.relaunch_out
+    second = json.loads((relaunched.run_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][0] == relaunched.first["history"][0]
+    assert second["resumed_at_epochs"] == [2] and relaunched.first["resumed_at_epochs"] == []
+
+
+def test_an_ema_run_resumes_from_its_raw_weights(relaunched):
+    # The train state keeps the raw weights and the average's count, not only the average
+    state = relaunched.first_state
     assert "raw_state_dict" in state and int(state["ema_n_averaged"]) >= 1
-    assert "resuming from the checkpoint of epoch 1" in capfd.readouterr().out
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
 
 
-def test_each_epoch_reaches_mlflow_and_tensorboard_and_a_relaunch_continues(
-        ray_cluster, tmp_path, monkeypatch):
+def test_each_epoch_reaches_mlflow_and_tensorboard_and_a_relaunch_continues(relaunched):
     import mlflow
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # Given a tiny dataset and a sqlite MLflow store
-    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=6))
-    run_dir = tmp_path / "runs" / "tracked"
-    flags = ["train", "--data", str(data), "--run-dir", str(run_dir), "--mlflow-tracking-uri",
-             store, "--mlflow-experiment", "brainray-ci", *FAST]
-
-    # When a run stops after one epoch and is relaunched for a second
-    assert run([*flags, "--epochs", "1"]) == 0
-    assert run([*flags, "--epochs", "2"]) == 0
-
-    # Then one MLflow run holds both epochs and the final test accuracy of metrics.json
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    client = mlflow.MlflowClient(store)
+    # One MLflow run holds both epochs and the final test accuracy of metrics.json
+    metrics = json.loads((relaunched.run_dir / "metrics.json").read_text())
+    client = mlflow.MlflowClient(relaunched.store)
     experiment = client.get_experiment_by_name("brainray-ci")
     (tracked,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(tracked.info.run_id, "val_loss")
@@ -283,6 +301,6 @@ def test_each_epoch_reaches_mlflow_and_tensorboard_and_a_relaunch_continues(
     assert client.get_run(tracked.info.run_id).data.metrics["test_accuracy"] == pytest.approx(
         metrics["accuracy"])
     # and TensorBoard's reader finds the same epochs in the run directory
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(relaunched.run_dir / "tensorboard"))
     events.Reload()
     assert sorted({e.step for e in events.Scalars("loss/val")}) == [1, 2]

@@ -87,9 +87,15 @@ FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-gpu",
 @pytest.mark.s3
 @pytest.mark.parametrize("layout", ["folder", "manifest"])
 def test_an_image_unreadable_past_the_retries_fails_training_naming_it(
-        ray_cluster, s3_endpoint, s3_bucket, tmp_path, capfd, layout):
+        ray_cluster, s3_endpoint, s3_bucket, tmp_path, capfd, monkeypatch, layout):
     # Given training data on S3 of which the store keeps refusing one object with 503
+    from ray.data import DataContext
+
     from tests.faultproxy import Fault, FaultProxy
+
+    # Ray Data retries a folder's reads itself (10 attempts, backoff up to 32 s: about three
+    # minutes of a test); without its patterns the S3 client's own retries are the ones to outlast
+    monkeypatch.setattr(DataContext.get_current(), "retried_io_errors", [])
 
     client, bucket = s3_bucket
     files = tiny_dataset_files(per_class=4)
