@@ -36,79 +36,106 @@ def _row(name: str, ours: str, reference: str, value: float | None, target: str,
     return f"| {name} | {ours} | {reference} | {shown} | {target} | {verdict} |"
 
 
+def _compute_rows(c: dict) -> list[str]:
+    rows = []
+    rows.append(_row("(1) train step, img/s", f"{c['fastest_train_images_per_s']} "
+                     f"({c['fastest_train_precision']}, channels-last)",
+                     f"{c['naive_fp32_nchw_train_images_per_s']} (naive fp32 NCHW)",
+                     c["fastest_vs_naive_train"], ">= 3.0",
+                     c["fastest_vs_naive_train"] >= TARGETS["train_step"]))
+    if "bf16_stem_vs_naive_train" in c:
+        rows.append(_row("(1) train step, opt-in `--precision bf16-stem`, img/s",
+                         f"{c['brainray_bf16-stem_train_images_per_s']}",
+                         f"{c['naive_fp32_nchw_train_images_per_s']} (naive fp32 NCHW)",
+                         c["bf16_stem_vs_naive_train"], "", None))
+    rows.append(_row("(1) inference, img/s", f"{c['fastest_infer_images_per_s']} "
+                     f"({c['fastest_infer_precision']}, channels-last)",
+                     f"{c['naive_fp32_nchw_infer_images_per_s']} (naive fp32 NCHW)",
+                     c["fastest_vs_naive_infer"], "", None))
+    return rows
+
+
+def _training_rows(t: dict) -> list[str]:
+    rows = []
+    ours = t["brainray"]["steady_train_images_per_s"]
+    if "brainray_vs_compute_limit" in t:
+        rows.append(_row("(2) `brainray train` vs compute limit, img/s", f"{ours}",
+                         f"{t['compute_limit_train_images_per_s']} (1)",
+                         t["brainray_vs_compute_limit"], ">= 0.9",
+                         t["brainray_vs_compute_limit"] >= TARGETS["pipeline"]))
+    rows.append(_row("(3) `brainray train` vs torchvision DataLoader(num_workers=2), img/s",
+                     f"{ours}",
+                     f"{t['torchvision_dataloader']['steady_train_images_per_s']}",
+                     t["brainray_vs_torchvision"], ">= 1.0",
+                     t["brainray_vs_torchvision"] >= TARGETS["peer"]))
+    return rows
+
+
+def _scoring_rows(s: dict) -> list[str]:
+    rows = []
+    ours = (f"{s['brainray']['steady_images_per_s']} steady (job: "
+            f"{s['brainray']['job_images_per_s']}, {s['brainray']['fixed_startup_s']} s "
+            "start-up)")
+    rows.append(_row("(4) `brainray score` vs inference limit, img/s", ours,
+                     f"{s['inference_limit_images_per_s']}",
+                     s["brainray_vs_inference_limit"], ">= 0.9",
+                     s["brainray_vs_inference_limit"] >= TARGETS["score_limit"]))
+    rows.append(_row("(4) `brainray score` vs plain PIL + torch loop, img/s", f"{ours}",
+                     f"{s['plain_loop_images_per_s']}", s["brainray_vs_plain_loop"],
+                     ">= 1.0", s["brainray_vs_plain_loop"] >= TARGETS["score_plain"]))
+    return rows
+
+
+def _scaling_rows(sc: dict) -> list[str]:
+    rows = []
+    spread = sc["training_time_per_image_spread"]
+    rows.append(_row("(5) training epoch time per image, 1x..16x (spread)",
+                     " / ".join(str(p["steady_epoch_ms_per_image"])
+                                for p in sc["training"]) + " ms", "flat", spread,
+                     "<= 0.10", spread <= TARGETS["flat"]))
+    spread = sc["scoring_marginal_time_per_image_spread"]
+    rows.append(_row("(5) scoring marginal time per image, 1x..16x (spread)",
+                     " / ".join(str(p["marginal_ms_per_image"])
+                                for p in sc["scoring"][1:]) + " ms", "flat", spread,
+                     "<= 0.10", None if spread is None else spread <= TARGETS["flat"]))
+    rows.append(_row("(5) peak private memory of all Ray processes, train / score",
+                     " / ".join(str(p["peak_process_private_mb"]) for p in sc["training"])
+                     + " MB; " + " / ".join(str(p["peak_process_private_mb"])
+                                            for p in sc["scoring"]) + " MB",
+                     "bounded", None, "flat", None))
+    return rows
+
+
+def _time_to_accuracy_rows(tta: dict) -> list[str]:
+    rows = []
+    rows.append(_row("(6) time to the paper's 96.88% test accuracy",
+                     f"{tta['test_accuracy']:.4f} after {tta['training_wall_min']} min "
+                     f"({tta['model']})", f"1-NN baseline {tta['baseline_1nn_test_accuracy']}",
+                     None, "<= 15 min", tta["target_reached"]
+                     and tta["training_wall_min"] <= 15))
+    return rows
+
+
+def _archive_rows(a: dict) -> list[str]:
+    rows = []
+    growth = a["private_mb_largest_vs_smallest"]
+    rows.append(_row("(7) peak private memory of `brainray score` on a tar on S3, by size",
+                     " / ".join(f"{p['peak_process_private_mb']} MB at {p['size_mib']} MiB"
+                                for p in a["points"]), "flat", growth, "<= 1.10",
+                     growth <= 1 + TARGETS["flat"]
+                     and all(p["all_images_scored"] for p in a["points"])))
+    return rows
+
+
 def summary_table(results: dict) -> str:
-    c, t, s, sc = (results.get(k) for k in ("compute", "training", "scoring", "scaling"))
     rows = ["| benchmark | brainray | reference | ratio | target | |",
             "|---|---|---|---|---|---|"]
-    if c:
-        rows.append(_row("(1) train step, img/s", f"{c['fastest_train_images_per_s']} "
-                         f"({c['fastest_train_precision']}, channels-last)",
-                         f"{c['naive_fp32_nchw_train_images_per_s']} (naive fp32 NCHW)",
-                         c["fastest_vs_naive_train"], ">= 3.0",
-                         c["fastest_vs_naive_train"] >= TARGETS["train_step"]))
-        if "bf16_stem_vs_naive_train" in c:
-            rows.append(_row("(1) train step, opt-in `--precision bf16-stem`, img/s",
-                             f"{c['brainray_bf16-stem_train_images_per_s']}",
-                             f"{c['naive_fp32_nchw_train_images_per_s']} (naive fp32 NCHW)",
-                             c["bf16_stem_vs_naive_train"], "", None))
-        rows.append(_row("(1) inference, img/s", f"{c['fastest_infer_images_per_s']} "
-                         f"({c['fastest_infer_precision']}, channels-last)",
-                         f"{c['naive_fp32_nchw_infer_images_per_s']} (naive fp32 NCHW)",
-                         c["fastest_vs_naive_infer"], "", None))
-    if t:
-        ours = t["brainray"]["steady_train_images_per_s"]
-        if "brainray_vs_compute_limit" in t:
-            rows.append(_row("(2) `brainray train` vs compute limit, img/s", f"{ours}",
-                             f"{t['compute_limit_train_images_per_s']} (1)",
-                             t["brainray_vs_compute_limit"], ">= 0.9",
-                             t["brainray_vs_compute_limit"] >= TARGETS["pipeline"]))
-        rows.append(_row("(3) `brainray train` vs torchvision DataLoader(num_workers=2), img/s",
-                         f"{ours}",
-                         f"{t['torchvision_dataloader']['steady_train_images_per_s']}",
-                         t["brainray_vs_torchvision"], ">= 1.0",
-                         t["brainray_vs_torchvision"] >= TARGETS["peer"]))
-    if s:
-        ours = (f"{s['brainray']['steady_images_per_s']} steady (job: "
-                f"{s['brainray']['job_images_per_s']}, {s['brainray']['fixed_startup_s']} s "
-                "start-up)")
-        rows.append(_row("(4) `brainray score` vs inference limit, img/s", ours,
-                         f"{s['inference_limit_images_per_s']}",
-                         s["brainray_vs_inference_limit"], ">= 0.9",
-                         s["brainray_vs_inference_limit"] >= TARGETS["score_limit"]))
-        rows.append(_row("(4) `brainray score` vs plain PIL + torch loop, img/s", f"{ours}",
-                         f"{s['plain_loop_images_per_s']}", s["brainray_vs_plain_loop"],
-                         ">= 1.0", s["brainray_vs_plain_loop"] >= TARGETS["score_plain"]))
-    if sc:
-        spread = sc["training_time_per_image_spread"]
-        rows.append(_row("(5) training epoch time per image, 1x..16x (spread)",
-                         " / ".join(str(p["steady_epoch_ms_per_image"])
-                                    for p in sc["training"]) + " ms", "flat", spread,
-                         "<= 0.10", spread <= TARGETS["flat"]))
-        spread = sc["scoring_marginal_time_per_image_spread"]
-        rows.append(_row("(5) scoring marginal time per image, 1x..16x (spread)",
-                         " / ".join(str(p["marginal_ms_per_image"])
-                                    for p in sc["scoring"][1:]) + " ms", "flat", spread,
-                         "<= 0.10", None if spread is None else spread <= TARGETS["flat"]))
-        rows.append(_row("(5) peak private memory of all Ray processes, train / score",
-                         " / ".join(str(p["peak_process_private_mb"]) for p in sc["training"])
-                         + " MB; " + " / ".join(str(p["peak_process_private_mb"])
-                                                for p in sc["scoring"]) + " MB",
-                         "bounded", None, "flat", None))
-    tta = results.get("time_to_accuracy")
-    if tta:
-        rows.append(_row("(6) time to the paper's 96.88% test accuracy",
-                         f"{tta['test_accuracy']:.4f} after {tta['training_wall_min']} min "
-                         f"({tta['model']})", f"1-NN baseline {tta['baseline_1nn_test_accuracy']}",
-                         None, "<= 15 min", tta["target_reached"]
-                         and tta["training_wall_min"] <= 15))
-    a = results.get("archives")
-    if a:
-        growth = a["private_mb_largest_vs_smallest"]
-        rows.append(_row("(7) peak private memory of `brainray score` on a tar on S3, by size",
-                         " / ".join(f"{p['peak_process_private_mb']} MB at {p['size_mib']} MiB"
-                                    for p in a["points"]), "flat", growth, "<= 1.10",
-                         growth <= 1 + TARGETS["flat"]
-                         and all(p["all_images_scored"] for p in a["points"])))
+    parts = {"compute": _compute_rows, "training": _training_rows, "scoring": _scoring_rows,
+             "scaling": _scaling_rows, "time_to_accuracy": _time_to_accuracy_rows,
+             "archives": _archive_rows}
+    for key, rows_of in parts.items():
+        if results.get(key):
+            rows += rows_of(results[key])
     return "\n".join(rows)
 
 

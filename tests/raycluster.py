@@ -33,7 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-START_TIMEOUT_S = 240
+# Generous: on a busy 2-core machine the head alone has taken two minutes to start
+START_TIMEOUT_S = 480
 
 
 def psutil():
@@ -120,7 +121,8 @@ class RayNodes:
         self._start(name, ["--address", self.gcs_address, "--num-cpus", str(num_cpus),
                            "--num-gpus", "0", "--object-store-memory", "150000000",
                            "--resources", json.dumps({name: 1})])
-        self._wait_for(lambda: name in self.alive_node_resources(), f"node {name} to join")
+        self._wait_for(lambda: name in self.alive_node_resources(), f"node {name} to join",
+                       log=name)
 
     def kill_node(self, name: str) -> None:
         """SIGKILL a worker node: its `ray start` session and every process it started."""
@@ -155,15 +157,16 @@ class RayNodes:
         return [a.node_id for a in actors if class_fragment in (a.class_name or "")
                 and (state is None or a.state == state)]
 
-    def _wait_for(self, ready, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    def _wait_for(self, ready, what: str, timeout_s: float = START_TIMEOUT_S,
+                  log: str = "head") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
                 if ready():
                     return
             time.sleep(1)
-        raise TimeoutError(f"timed out waiting for {what}; head log:\n"
-                           f"{tail(Path(self.temp_dir) / 'ray-start-head.log')}")
+        raise TimeoutError(f"timed out waiting for {what}; its `ray start` log:\n"
+                           f"{tail(Path(self.temp_dir) / f'ray-start-{log}.log')}")
 
     def _wait_for_job_server(self) -> None:
         from ray.job_submission import JobSubmissionClient

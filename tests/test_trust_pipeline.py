@@ -83,7 +83,8 @@ def test_trained_run_is_calibrated_checked_and_scored_with_its_guards(ray_cluste
     # and each row sent to review has a Grad-CAM overlay
     scores = pd.read_parquet(tmp_path / "scores" / "scores")
     scores.index = [uri.rsplit("/", 1)[-1] for uri in scores.uri]
-    assert list(scores.columns)[-1] == "out_of_distribution"
+    columns = list(scores.columns)  # columns are only ever added: after the original ones
+    assert columns.index("out_of_distribution") > columns.index("run_id")
     assert scores.loc[["photo.jpg", "blank.png"], "out_of_distribution"].all()
     assert not scores.loc[["scan_a.png", "scan_b.png"], "out_of_distribution"].any()
     expected_review = (scores.confidence < checkpoint["review_threshold"]) | \
