@@ -135,3 +135,13 @@ def ray_cluster():
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return write_tree(tmp_path / "data", tiny_dataset_files())
+
+
+@pytest.fixture(params=["local", "s3"])
+def local_and_s3_output(request, tmp_path) -> tuple[str, StorageOptions]:
+    """(output URI, storage options): a local folder, then a prefix on the moto S3 server (the
+    S3 fixtures are only started for the second)."""
+    if request.param == "local":
+        return str(tmp_path / "out"), StorageOptions()
+    bucket = request.getfixturevalue("s3_bucket")[1]
+    return f"s3://{bucket}/out", request.getfixturevalue("s3_options")

@@ -11,16 +11,8 @@ from brainray import lease, storage
 from brainray.config import StorageOptions
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out"), StorageOptions()
-    bucket = request.getfixturevalue("s3_bucket")[1]
-    return f"s3://{bucket}/out", request.getfixturevalue("s3_options")
-
-
-def test_a_second_run_is_refused_while_the_first_holds_the_lease(output):
-    uri, options = output
+def test_a_second_run_is_refused_while_the_first_holds_the_lease(local_and_s3_output):
+    uri, options = local_and_s3_output
     held = lease.acquire(uri, "run-1", options)
     with pytest.raises(lease.LeaseHeld, match=r"another brainray score run \(run-1, host .*"
                                               r"run again after it has finished"):
@@ -29,8 +21,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lease(output):
     lease.release(lease.acquire(uri, "run-2", options), options)  # free again
 
 
-def test_two_runs_starting_together_get_one_lease(output):
-    uri, options = output
+def test_two_runs_starting_together_get_one_lease(local_and_s3_output):
+    uri, options = local_and_s3_output
     results: dict[str, object] = {}
 
     def start(run_id: str) -> None:
@@ -48,8 +40,8 @@ def test_two_runs_starting_together_get_one_lease(output):
     assert len(winners) == 1 and len(results) == 4
 
 
-def test_an_expired_lease_is_taken_over_and_its_old_holder_cannot_renew(output):
-    uri, options = output
+def test_an_expired_lease_is_taken_over_and_its_old_holder_cannot_renew(local_and_s3_output):
+    uri, options = local_and_s3_output
     # Given a run that died: its lease expired without being renewed
     dead = lease.acquire(uri, "run-dead", options, ttl_s=-1.0)
     # When the next run starts, Then it takes the lease over

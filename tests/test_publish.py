@@ -80,17 +80,9 @@ def _check_complete(output: str, options: StorageOptions, run_ids: list[str]) ->
     assert done == {(u, 10, 20) for u in rows.uri}
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out"), StorageOptions()
-    bucket = request.getfixturevalue("s3_bucket")[1]
-    return f"s3://{bucket}/out", request.getfixturevalue("s3_options")
-
-
 @pytest.mark.parametrize("step", STEPS)
-def test_a_commit_killed_at_any_step_is_finished_by_the_next_run(output, step):
-    uri, options = output
+def test_a_commit_killed_at_any_step_is_finished_by_the_next_run(local_and_s3_output, step):
+    uri, options = local_and_s3_output
     # Given a committed run, and a second READY run whose commit is SIGKILLed before `step`
     stage(uri, "run-1", options, prefix="a")
     publish.commit(uri, "run-1", options)
