@@ -55,7 +55,7 @@ from brainray.data import (
 )
 from brainray.model import count_parameters
 from brainray.model_card import render_model_card
-from brainray.predict import predict_labeled
+from brainray.predict import predict_labeled, predict_splits
 from brainray.report import (
     compute_metrics,
     mistake_gallery,
@@ -172,8 +172,8 @@ def _best_model(result, config: TrainConfig) -> tuple[dict, dict]:
     return deserialize(model_bytes, source=best_uri), state["loop_state"]
 
 
-def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.DataFrame,
-                         checkpoint: dict
+def _calibrate_and_guard(config: TrainConfig, splits: dict, val_predictions: pd.DataFrame,
+                         predictions: pd.DataFrame, checkpoint: dict
                          ) -> tuple[pd.DataFrame, dict, dict, dict[str, bytes]]:
     """Temperature scaling and the review threshold (fitted on validation, reported on test) and
     the OOD reference (training images); model.pt is rewritten with them, same model_id. Also
@@ -185,8 +185,6 @@ def _calibrate_and_guard(config: TrainConfig, splits: dict, predictions: pd.Data
     options, model_uri = config.storage, storage.join(config.run_dir, MODEL_FILE)
     fields, report, figures = {}, {}, {}
     try:
-        val_predictions = predict_labeled(splits["val"], None, model_uri, options,
-                                          use_gpu=config.use_gpu)
         result = calibration.calibrate_run(val_predictions, predictions, config.target_accuracy)
         predictions = result.test_predictions
         report.update(result.report)
@@ -375,11 +373,12 @@ def _test_report(config: TrainConfig, data: PreparedData, result, wall_s: float)
     checkpoint, loop_state = _best_model(result, config)
     test_source, test_paths, test_index = _test_set(config, data.held_out, data.index,
                                                     data.splits)
-    predictions = predict_labeled(test_source, test_paths,
-                                  storage.join(config.run_dir, MODEL_FILE), config.storage,
-                                  use_gpu=config.use_gpu)
+    predicted = predict_splits({"val": (data.splits["val"], None),
+                                "test": (test_source, test_paths)},
+                               storage.join(config.run_dir, MODEL_FILE), config.storage,
+                               use_gpu=config.use_gpu)
     predictions, checkpoint, trust_report, trust_figures = _calibrate_and_guard(
-        config, data.splits, predictions, checkpoint)
+        config, data.splits, predicted["val"], predicted["test"], checkpoint)
     train_index = data.index[data.index[COL_SPLIT] == "train"]
     report = _report(config, checkpoint, loop_state, wall_s, {
         **compute_metrics(predictions, classes),

@@ -1,15 +1,25 @@
-"""Tests for brainray.predict: the batch-inference callable, with the checkpoint's TTA."""
+"""Tests for brainray.predict: the batch-inference callable, with the checkpoint's TTA, and
+several splits predicted in one pass."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray.data
 import torch
 
 from brainray.checkpoint import make_checkpoint, model_from_checkpoint, serialize
-from brainray.config import DEFAULT_CLASSES, PreprocessConfig, StorageOptions
+from brainray.config import (
+    COL_IMAGE,
+    COL_LABEL,
+    COL_PATH,
+    COL_PROBS,
+    DEFAULT_CLASSES,
+    PreprocessConfig,
+    StorageOptions,
+)
 from brainray.model import build_model
-from brainray.predict import Predictor
+from brainray.predict import Predictor, predict_splits
 from brainray.transforms import to_model_input
 
 SIZE = 32
@@ -67,3 +77,28 @@ def test_unknown_tta_is_refused():
 
     with pytest.raises(ValueError, match="unknown test-time augmentation"):
         inference_views(torch.zeros(1, 1, 2, 2), "rot90")
+
+
+@pytest.mark.ray
+def test_predict_splits_scores_each_part_in_one_pass_and_keeps_them_apart(ray_cluster, tmp_path):
+    # Given two parts that share one file (a held-out test folder may repeat a validation file)
+    _, path = _write(tmp_path, "none")
+    images = _images()
+
+    def part(names, labels):
+        rows = zip(names, labels, strict=True)
+        return ray.data.from_items([{COL_PATH: n, COL_IMAGE: images[i], COL_LABEL: label}
+                                    for i, (n, label) in enumerate(rows)])
+
+    val = part(["a.png", "b.png"], [0, 1])
+    test = part(["b.png", "c.png", "d.png"], [1, 2, 3])
+    # When both are predicted in one pass, the test part filtered to three of its paths
+    got = predict_splits({"val": (val, None), "test": (test, ["b.png", "c.png", "d.png"])},
+                         path, StorageOptions())
+    # Then each part has its own rows once, sorted by path, with the model's probabilities
+    assert got["val"][COL_PATH].tolist() == ["a.png", "b.png"]
+    assert got["test"][COL_PATH].tolist() == ["b.png", "c.png", "d.png"]
+    assert got["test"][COL_LABEL].tolist() == [1, 2, 3]
+    expected = Predictor(path, StorageOptions()).predict(images)
+    np.testing.assert_allclose(np.stack(got["val"][COL_PROBS]), expected[:2], atol=1e-6)
+    np.testing.assert_allclose(np.stack(got["test"][COL_PROBS]), expected, atol=1e-6)
