@@ -18,6 +18,10 @@ from PIL import Image
 from brainray.config import DEFAULT_CLASSES, StorageOptions
 
 FAKE_KEY_ID = "AKIAFAKEBRAINRAYTEST"
+# Training flags that keep a fit to seconds: small images and batches, one thread, no warm-up;
+# the pipeline is the same as at full size.
+FAST = ["--image-size", "32", "--batch-size", "8", "--no-gpu", "--cpus-per-worker", "1",
+        "--torch-threads", "1", "--warmup-epochs", "0"]
 FAKE_SECRET = "brainray-fake-secret-never-logged-0123456789"
 
 
@@ -130,6 +134,20 @@ def ray_cluster():
              configure_logging=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, run directory) of one tiny finished training run, shared by the tests that
+    only read a run (a fit costs ~30 s of Ray Train start-up alone): 8 images per class, one
+    epoch, target accuracy 0.9. Tests write their own outputs elsewhere and never modify it."""
+    from brainray.cli import run
+
+    root = tmp_path_factory.mktemp("trained")
+    data, run_dir = write_tree(root / "data", tiny_dataset_files(per_class=8)), root / "run"
+    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "1",
+                "--target-accuracy", "0.9", *FAST]) == 0
+    return data, run_dir
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ class RayNodes:
         command = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
                    *args, *_node_ports(), "--temp-dir", self.temp_dir, "--disable-usage-stats",
                    "--log-style", "record", "--log-color", "false"]
-        log = open(Path(self.temp_dir) / f"ray-start-{name}.log", "wb")  # noqa: SIM115
+        log = open(Path(self.temp_dir) / f"ray-start-{name}.log", "ab")  # noqa: SIM115
         with log:
             process = subprocess.Popen(command, env=self.env, cwd=self.temp_dir, stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -117,12 +117,24 @@ class RayNodes:
         self._wait_for_job_server()
 
     def add_node(self, name: str, num_cpus: int = 2) -> None:
-        """A worker node with a custom resource named after it (to place work on it)."""
-        self._start(name, ["--address", self.gcs_address, "--num-cpus", str(num_cpus),
-                           "--num-gpus", "0", "--object-store-memory", "150000000",
-                           "--resources", json.dumps({name: 1})])
-        self._wait_for(lambda: name in self.alive_node_resources(), f"node {name} to join",
-                       log=name)
+        """A worker node with a custom resource named after it (to place work on it).
+
+        `ray start` gives up when its raylet has not registered with the GCS within 30 s (a
+        constant in Ray's node.py), which a loaded 2-core machine can exceed: the failed
+        attempt's processes are killed and the node is started once more.
+        """
+        for attempt in (1, 2):
+            process = self._start(name, [
+                "--address", self.gcs_address, "--num-cpus", str(num_cpus), "--num-gpus", "0",
+                "--object-store-memory", "150000000", "--resources", json.dumps({name: 1})])
+            try:
+                self._wait_for(lambda: name in self.alive_node_resources(),
+                               f"node {name} to join", log=name, process=process)
+                return
+            except TimeoutError:
+                if attempt == 2 or process.poll() is None:
+                    raise
+                self.kill_node(name)
 
     def kill_node(self, name: str) -> None:
         """SIGKILL a worker node: its `ray start` session and every process it started."""
@@ -158,14 +170,17 @@ class RayNodes:
                 and (state is None or a.state == state)]
 
     def _wait_for(self, ready, what: str, timeout_s: float = START_TIMEOUT_S,
-                  log: str = "head") -> None:
+                  log: str = "head", process: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + timeout_s
+        process = process or self.nodes.get("head")
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
                 if ready():
                     return
+            if process is not None and process.poll() is not None:  # `ray start` gave up
+                break
             time.sleep(1)
-        raise TimeoutError(f"timed out waiting for {what}; its `ray start` log:\n"
+        raise TimeoutError(f"gave up waiting for {what}; its `ray start` log:\n"
                            f"{tail(Path(self.temp_dir) / f'ray-start-{log}.log')}")
 
     def _wait_for_job_server(self) -> None:

@@ -72,12 +72,36 @@ def _fit(loop, workers: int, config: dict) -> None:
                      num_workers=workers, resources_per_worker={"CPU": 0.5})).fit()
 
 
-def test_two_workers_at_half_the_batch_take_the_step_of_one_worker(ray_cluster, tmp_path):
+def _draw(config: dict) -> None:
+    rank = ray.train.get_context().get_world_rank()
+    trainable = train_loop._build(_loop("paper_cnn"), torch.device("cpu"))
+    mask = torch.nn.functional.dropout(torch.ones(256), 0.5, training=True) > 0
+    augment = torch.rand(8, generator=augmentation_generator(0, 0, rank))
+    first_weight = next(unwrap(trainable.model).parameters()).detach().flatten()[:8]
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({
+        "mask": mask.tolist(), "augment": augment.tolist(), "weight": first_weight.tolist()}))
+
+
+def _two_worker_probes(config: dict) -> None:
+    _one_step(config)
+    _draw(config)
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_cluster, tmp_path_factory) -> Path:
+    """The folder where one 2-worker fit left its one-step weights and each rank's draws (a
+    worker group costs ~20 s to start: one serves both tests)."""
+    out = tmp_path_factory.mktemp("ddp")
+    _fit(_two_worker_probes, 2, {"out": str(out), "halves": 1})
+    return out
+
+
+def test_two_workers_at_half_the_batch_take_the_step_of_one_worker(two_workers):
     # Given the same initial weights and global batch, dropout and augmentation off
-    # When 2 workers take one step at batch B/2 each, and 1 worker one step at batch B
-    # (bn_cnn: as two forward passes of B/2, since each DDP worker normalises its own half;
-    # SyncBatchNorm has no CPU kernel)
-    _fit(_one_step, 2, {"out": str(tmp_path), "halves": 1})
+    # When 2 workers take one step at batch B/2 each (fixture), and 1 worker one step at
+    # batch B (bn_cnn: as two forward passes of B/2, since each DDP worker normalises its own
+    # half; SyncBatchNorm has no CPU kernel)
+    tmp_path = two_workers
     _fit(_one_step, 1, {"out": str(tmp_path), "halves": 2})
     # Then the (all-reduced) gradients and the weights after the step agree to float
     # tolerance, for both models. Adam's first step is about lr x sign(gradient), so the
@@ -100,19 +124,10 @@ def test_two_workers_at_half_the_batch_take_the_step_of_one_worker(ray_cluster, 
     assert all(error < 1e-5 for error in grad_errors.values()), grad_errors
 
 
-def _draw(config: dict) -> None:
-    rank = ray.train.get_context().get_world_rank()
-    trainable = train_loop._build(_loop("paper_cnn"), torch.device("cpu"))
-    mask = torch.nn.functional.dropout(torch.ones(256), 0.5, training=True) > 0
-    augment = torch.rand(8, generator=augmentation_generator(0, 0, rank))
-    first_weight = next(unwrap(trainable.model).parameters()).detach().flatten()[:8]
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({
-        "mask": mask.tolist(), "augment": augment.tolist(), "weight": first_weight.tolist()}))
-
-
-def test_each_rank_draws_its_own_dropout_and_augmentation(ray_cluster, tmp_path):
-    _fit(_draw, 2, {"out": str(tmp_path)})
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+def test_each_rank_draws_its_own_dropout_and_augmentation(two_workers):
+    # Given each rank's draws in one 2-worker fit (fixture)
+    ranks = [json.loads((two_workers / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Then both ranks hold one model but draw their own dropout masks and augmentation
     assert ranks[0]["weight"] == ranks[1]["weight"]  # one model, the same initial weights
     assert ranks[0]["mask"] != ranks[1]["mask"]
     assert ranks[0]["augment"] != ranks[1]["augment"]

@@ -40,7 +40,6 @@ from brainray.html_report import (
 )
 from brainray.model import build_model
 from brainray.score_report import RowCounts, count_rows
-from tests.test_train import FAST
 
 RUN_SECTIONS = ["metrics", "per-class", "confusion", "curves", "calibration", "split",
                 "leakage", "mistakes"]
@@ -557,11 +556,11 @@ def _page_of(path: Path) -> PageReader:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_training_run_and_an_evaluation_write_their_report_html(ray_cluster, tmp_path):
-    # Given a one-epoch run on the embedded sample at 32 px
-    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
-    assert cli.run(["train", "--run-dir", str(run_dir), "--epochs", "1", *FAST]) == 0
-    # When its model is evaluated on the sample too
+def test_a_training_run_and_an_evaluation_write_their_report_html(trained_run, tmp_path):
+    # Given a one-epoch run at 32 px (fixture)
+    _, run_dir = trained_run
+    eval_dir = tmp_path / "eval"
+    # When its model is evaluated on the embedded sample
     assert cli.run(["evaluate", "--model", str(run_dir), "--data", sample_data_dir(),
                     "--output", str(eval_dir), "--no-gpu"]) == 0
     # Then the run's page has every section, its accuracy is metrics.json's, and its gallery

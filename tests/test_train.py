@@ -19,13 +19,9 @@ import torch
 from brainray import storage
 from brainray.checkpoint import deserialize
 from brainray.cli import run
-from tests.conftest import FAKE_SECRET, tiny_dataset_files, upload_tree, write_tree
+from tests.conftest import FAKE_SECRET, FAST, tiny_dataset_files, upload_tree, write_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-# Small images and batches keep each fit to seconds; the pipeline is the same as at 224 px.
-FAST = ["--image-size", "32", "--batch-size", "8", "--no-gpu", "--cpus-per-worker", "1",
-        "--torch-threads", "1", "--warmup-epochs", "0"]
 
 BAD_FILES = {
     "glioma/zero_bytes.png": b"",

@@ -15,23 +15,14 @@ from PIL import Image
 from brainray.checkpoint import deserialize, model_identity, weights_id
 from brainray.cli import run
 from brainray.explain import review_overlay_name
-from tests.conftest import encode, synthetic_scan, tiny_dataset_files, write_tree
+from tests.conftest import encode, synthetic_scan, write_tree
 from tests.test_ood import colour_photo
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-FAST = ["--image-size", "32", "--batch-size", "8", "--no-gpu", "--cpus-per-worker", "1",
-        "--torch-threads", "1", "--warmup-epochs", "0"]
-
-
-def test_trained_run_is_calibrated_checked_and_scored_with_its_guards(ray_cluster, tmp_path):
-    # Given a tiny labeled dataset
-    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
-    run_dir = tmp_path / "run"
-
-    # When training one epoch
-    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "1",
-                "--target-accuracy", "0.9", *FAST]) == 0
+def test_trained_run_is_calibrated_checked_and_scored_with_its_guards(trained_run, tmp_path):
+    # Given a tiny labeled dataset, When training one epoch with target accuracy 0.9 (fixture)
+    data, run_dir = trained_run
 
     # Then metrics.json has calibration and abstention, with plots and a model card
     metrics = json.loads((run_dir / "metrics.json").read_text())
