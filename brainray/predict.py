@@ -76,21 +76,22 @@ def predict_splits(parts: dict[str, tuple[ray.data.Dataset, object]], model_uri:
     One pass starts one actor pool and loads the model once: a training run's validation and
     test predictions each cost that start-up (~8 s on 2 cores) when run one after the other.
     """
-    if len(parts) == 1:  # nothing to tell apart: no tagging pass over the images
-        rows = _rows(*next(iter(parts.values())))
+    tagged = len(parts) > 1  # a single part has nothing to tell apart: no tagging pass
+    if tagged:
+        rows = ray.data.Dataset.union(*(
+            _rows(dataset, paths).map_batches(_tag, fn_kwargs={"part": name},
+                                              batch_format="pyarrow", zero_copy_batch=True)
+            for name, (dataset, paths) in parts.items()))
     else:
-        tagged = [_rows(dataset, paths).map_batches(_tag, fn_kwargs={"part": name},
-                                                    batch_format="pyarrow", zero_copy_batch=True)
-                  for name, (dataset, paths) in parts.items()]
-        rows = tagged[0].union(*tagged[1:])
+        rows = _rows(*next(iter(parts.values())))
     predicted = rows.map_batches(
         Predictor, batch_size=batch_size,
         fn_constructor_kwargs={"model_uri": model_uri, "options": options, "use_gpu": use_gpu,
                                "tta": tta},
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0)
-    columns = [COL_PATH, COL_LABEL, COL_PROBS] + ([_PART] if len(parts) > 1 else [])
+    columns = [COL_PATH, COL_LABEL, COL_PROBS] + ([_PART] if tagged else [])
     frame = predicted.select_columns(columns).to_pandas().sort_values(COL_PATH, kind="stable")
-    if len(parts) == 1:
+    if not tagged:
         return {next(iter(parts)): frame.reset_index(drop=True)}
     return {name: frame[frame[_PART] == name].drop(columns=_PART).reset_index(drop=True)
             for name in parts}

@@ -18,11 +18,11 @@ from PIL import Image
 from brainray.config import DEFAULT_CLASSES, StorageOptions
 
 FAKE_KEY_ID = "AKIAFAKEBRAINRAYTEST"
+FAKE_SECRET = "brainray-fake-secret-never-logged-0123456789"
 # Training flags that keep a fit to seconds: small images and batches, one thread, no warm-up;
 # the pipeline is the same as at full size.
 FAST = ["--image-size", "32", "--batch-size", "8", "--no-gpu", "--cpus-per-worker", "1",
         "--torch-threads", "1", "--warmup-epochs", "0"]
-FAKE_SECRET = "brainray-fake-secret-never-logged-0123456789"
 
 
 def _free_port() -> int:

@@ -101,15 +101,14 @@ def test_two_workers_at_half_the_batch_take_the_step_of_one_worker(two_workers):
     # When 2 workers take one step at batch B/2 each (fixture), and 1 worker one step at
     # batch B (bn_cnn: as two forward passes of B/2, since each DDP worker normalises its own
     # half; SyncBatchNorm has no CPU kernel)
-    tmp_path = two_workers
-    _fit(_one_step, 1, {"out": str(tmp_path), "halves": 2})
+    _fit(_one_step, 1, {"out": str(two_workers), "halves": 2})
     # Then the (all-reduced) gradients and the weights after the step agree to float
     # tolerance, for both models. Adam's first step is about lr x sign(gradient), so the
     # gradients are what shows a wrong reduction (a sum instead of a mean, a missed rank).
     errors, grad_errors = {}, {}
     for name in MODELS:
-        ddp = torch.load(tmp_path / f"{name}-2.pt", weights_only=True)
-        single = torch.load(tmp_path / f"{name}-1.pt", weights_only=True)
+        ddp = torch.load(two_workers / f"{name}-2.pt", weights_only=True)
+        single = torch.load(two_workers / f"{name}-1.pt", weights_only=True)
         after = ddp["after"]
         errors[name] = max((after[k] - single["after"][k]).abs().max().item() for k in after)
         grad_errors[name] = max(((ddp["grads"][k] - single["grads"][k]).abs().max()
