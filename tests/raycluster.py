@@ -92,8 +92,14 @@ class RayNodes:
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        # Each node gets its own fresh temp dir, as each machine of a real cluster has its own
+        # disk: nodes sharing one would share their session dir, where one node's runtime-env
+        # agent re-unpacks the job's working dir under the others' running workers (whose
+        # os.getcwd() then fails with ENOENT).
+        node_dir = (self.temp_dir if name == "head"
+                    else tempfile.mkdtemp(prefix=f"{name}-", dir=self.temp_dir))
         command = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
-                   *args, *_node_ports(), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                   *args, *_node_ports(), "--temp-dir", node_dir, "--disable-usage-stats",
                    "--log-style", "record", "--log-color", "false"]
         log = open(Path(self.temp_dir) / f"ray-start-{name}.log", "ab")  # noqa: SIM115
         with log:

@@ -57,7 +57,9 @@ def cluster(nodes):
 def _submit(cluster, entrypoint: list[str], env: dict | None = None) -> str:
     from ray.job_submission import JobSubmissionClient
 
-    runtime_env = {"working_dir": str(REPO_ROOT), "env_vars": {**FAKE_AWS, **(env or {})}}
+    runtime_env = {"working_dir": str(REPO_ROOT),
+                   # a failing job prints its traceback, not only its one-line reason
+                   "env_vars": {**FAKE_AWS, "BRAINRAY_DEBUG": "1", **(env or {})}}
     return JobSubmissionClient(cluster.dashboard_url).submit_job(
         entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
 
