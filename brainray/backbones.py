@@ -14,7 +14,6 @@ import io
 import os
 
 import torch
-import torchvision
 from torch import nn
 
 from brainray.config import TORCHVISION_MODELS
@@ -32,6 +31,14 @@ _CAM_LAYER = {"resnet18": "layer4", "resnet50": "layer4", "efficientnet_b0": "fe
               "convnext_tiny": "features"}
 
 
+def _torchvision_models():
+    # Imported on first use: torchvision pulls in torch._dynamo (~4 s of CPU), which every
+    # training worker and scoring actor would pay at start-up for a brainray CNN that needs none.
+    import torchvision.models
+
+    return torchvision.models
+
+
 class WeightsError(ValueError):
     """Initial weights that cannot be found, loaded safely, or do not fit the architecture."""
 
@@ -45,7 +52,7 @@ class TorchvisionNet(nn.Module):
         super().__init__()
         self.name = name
         self.bf16_stem = False
-        self.net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        self.net = _torchvision_models().get_model(name, weights=None, num_classes=num_classes)
         # Not persistent: constants of the input step, so state dicts hold only torchvision's keys
         # (under "net.") and a plain torchvision file maps onto them one to one.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
@@ -107,7 +114,7 @@ def _read_weights_file(data: bytes, source: str) -> dict:
 def _imagenet_file(name: str) -> tuple[bytes, str]:
     """The bytes of torchvision's default ImageNet weights for `name`, from its cache in
     $TORCH_HOME (downloaded there first where the node has internet)."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    weights = _torchvision_models().get_model_weights(name).DEFAULT
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.exists(cached):
         try:

@@ -22,6 +22,7 @@ from scipy.optimize import minimize_scalar
 
 from brainray import metrics as metric_fns
 from brainray.config import COL_LABEL, COL_PROBS
+from brainray.figures import figure_png, new_figure
 
 # float32 softmax underflows to 0 below ~1e-38; clipping there keeps log p finite.
 LOG_PROB_FLOOR = 1e-38
@@ -154,7 +155,7 @@ def reliability_bins(y, probs, n_bins: int = N_BINS) -> dict:
 def render_reliability_diagram(y, probs_before, probs_after, n_bins: int = N_BINS,
                                temperature: float | None = None) -> bytes:
     """PNG: accuracy per confidence bin against the diagonal, before and after calibration."""
-    fig = metric_fns.new_figure((9.0, 4.2))
+    fig = new_figure((9.0, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     titles = ("uncalibrated (T = 1)",
               f"calibrated (T = {temperature:.3g})" if temperature else "calibrated")
@@ -178,7 +179,7 @@ def render_reliability_diagram(y, probs_before, probs_after, n_bins: int = N_BIN
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("Accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
-    return metric_fns.figure_png(fig)
+    return figure_png(fig)
 
 
 def render_coverage_curve(confidence, correct, threshold: float | None = None,
@@ -186,7 +187,7 @@ def render_coverage_curve(confidence, correct, threshold: float | None = None,
                           title: str = "Accuracy vs coverage (test)") -> bytes:
     """PNG: accuracy of the most confident images against the share of images accepted."""
     coverage, accuracy = risk_coverage(confidence, correct)
-    fig = metric_fns.new_figure((6.0, 4.2))
+    fig = new_figure((6.0, 4.2))
     ax = fig.add_subplot()
     ax.plot(coverage, accuracy, color="tab:blue", label="accepted-set accuracy")
     if target_accuracy is not None:
@@ -204,7 +205,7 @@ def render_coverage_curve(confidence, correct, threshold: float | None = None,
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    return metric_fns.figure_png(fig)
+    return figure_png(fig)
 
 
 def _labels_probs(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

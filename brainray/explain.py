@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainray import metrics as metric_fns
 from brainray import ood, storage
 from brainray.checkpoint import (
     load_checkpoint,
@@ -30,6 +29,7 @@ from brainray.checkpoint import (
 )
 from brainray.config import ExplainConfig, StorageOptions
 from brainray.console import say
+from brainray.figures import figure_png, new_figure
 from brainray.model import unwrap
 from brainray.presets import InferencePreset
 from brainray.publish import COL_FRAME, COL_NEEDS_REVIEW, COL_OOD_REASON, COL_SHA256
@@ -113,7 +113,7 @@ class GradCam:
 def render_overlay(image: np.ndarray, cam: np.ndarray, title: str = "",
                    alpha: float = 0.45) -> bytes:
     """PNG: the image on the left, the heatmap (jet colours) blended over it on the right."""
-    fig = metric_fns.new_figure((7.0, 3.8))
+    fig = new_figure((7.0, 3.8))
     left, right = fig.subplots(1, 2)
     for ax in (left, right):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255,
@@ -125,7 +125,7 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, title: str = "",
     right.set_title("Grad-CAM", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    return metric_fns.figure_png(fig)
+    return figure_png(fig)
 
 
 def caption(classes: list[str], probs: np.ndarray, target: int, ood_reason: str = "",

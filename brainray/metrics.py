@@ -5,7 +5,6 @@ Pure functions: numpy arrays in, JSON-serialisable dicts or PNG bytes out.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,6 +15,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+
+from brainray.figures import figure_png, new_figure
 
 _PROB_CLIP = 1e-12
 # Loose enough for float16/float32 softmax outputs, tight enough to catch logits.
@@ -150,22 +151,6 @@ def classification_metrics(y_true, probs, classes: Sequence[str],
         "roc_auc_per_class": auc_per_class,
         "ece": expected_calibration_error(y, p),
     }
-
-
-def new_figure(figsize: tuple[float, float]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    # A bare Figure avoids pyplot's global figure registry, so rendering is thread-safe.
-    return Figure(figsize=figsize, layout="constrained")
-
-
-def figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
 
 
 def _series(history: Sequence[Mapping], key: str) -> list[float]:

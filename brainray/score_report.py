@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from brainray import metrics as metric_fns
 from brainray import publish, storage
 from brainray.config import ReportConfig
 from brainray.console import say
+from brainray.figures import figure_png, new_figure
 from brainray.html_report import REPORT_FILE, render_scores_report
 from brainray.publish import (
     COL_CONFIDENCE,
@@ -108,7 +108,7 @@ def summarize(output: str, runs: Sequence[tuple[Mapping, RowCounts]],
 
 def render_confidence_histogram(histogram: Mapping, thresholds: Sequence[float] = ()) -> bytes:
     """PNG: rows per confidence bin, with the review threshold(s) the runs used."""
-    fig = metric_fns.new_figure((7.0, 3.8))
+    fig = new_figure((7.0, 3.8))
     ax = fig.add_subplot()
     counts = histogram["counts"]
     ax.stairs(counts, histogram["edges"], fill=True, color="tab:blue", alpha=0.8)
@@ -122,7 +122,7 @@ def render_confidence_histogram(histogram: Mapping, thresholds: Sequence[float] 
     ax.grid(True, alpha=0.3)
     if thresholds:
         ax.legend(loc="upper left", fontsize=8)
-    return metric_fns.figure_png(fig)
+    return figure_png(fig)
 
 
 def _count_run(output: str, entry: Mapping, options) -> RowCounts:
