@@ -11,7 +11,7 @@ import pytest
 
 from brainray import console as console_module
 from brainray.console import Console, EventPump, Events, captured, say
-from tests.conftest import tiny_dataset_files, write_tree
+from tests.conftest import FAST, tiny_dataset_files, write_tree
 
 
 class _Terminal(io.StringIO):
@@ -106,20 +106,28 @@ RAY_NOISE = ("logging_progress", "Active & requested resources", "core_worker.cc
 
 
 def _brainray(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray
+    # The session's cluster, as a user's `ray start` one: a fresh local Ray per command would
+    # add two start-ups on 2 CPUs (most of two minutes) and change nothing on the console
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.run([sys.executable, "-c", "from brainray.cli import main; main()", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_the_console_of_train_and_score_shows_brainrays_lines_and_not_rays(tmp_path):
-    # Given the embedded sample and a small folder to score
+@pytest.mark.ray
+def test_the_console_of_train_and_score_shows_brainrays_lines_and_not_rays(ray_cluster,
+                                                                          tmp_path):
+    # Given a tiny labeled folder and a small folder to score (the console is the same at any
+    # size; the embedded sample's default run is README command 1)
     run_dir = tmp_path / "run"
+    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
     inputs = write_tree(tmp_path / "in", {k: v for k, v in tiny_dataset_files(2).items()})
 
     # When training 2 epochs and scoring, as a user would from a shell
-    train = _brainray("train", "--run-dir", str(run_dir), "--epochs", "2", "--image-size", "32",
-                      cwd=tmp_path)
+    train = _brainray("train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "2",
+                      *FAST, cwd=tmp_path)
     score = _brainray("score", "--model", str(run_dir), "--input", str(inputs), "--output",
                       str(tmp_path / "scores"), cwd=tmp_path)
 

@@ -13,7 +13,7 @@ import pytest
 from brainray.cli import build_parser, run, train_config
 from brainray.report import skipped_files
 from brainray.train import prepare_splits
-from tests.conftest import tiny_dataset_files, upload_tree, write_tree
+from tests.conftest import FAST, tiny_dataset_files, upload_tree, write_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def _kill_a_train_worker_after_first_checkpoint(run_dir, killed: list, stop: thr
 
 
 def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, tmp_path):
-    # Given a 4-epoch run and a watcher that kills a training worker after epoch 1's checkpoint
+    # Given a 4-epoch run and a watcher that kills its training worker after epoch 1's checkpoint
     data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
     run_dir = tmp_path / "runs" / "faulty"
     killed: list[int] = []
@@ -60,8 +60,7 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, tm
     # When the run goes on (it may restart up to --max-failures times)
     try:
         code = run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "4",
-                    "--image-size", "32", "--batch-size", "8", "--no-gpu", "--num-workers", "2",
-                    "--cpus-per-worker", "1", "--torch-threads", "1", "--max-failures", "2"])
+                    *FAST, "--max-failures", "2"])
     finally:
         stop.set()
         watcher.join(timeout=5)
@@ -80,10 +79,6 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, tm
 
 def _s3_flags(endpoint: str) -> list[str]:
     return ["--s3-endpoint", endpoint, "--s3-region", "us-east-1"]
-
-
-FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-gpu",
-        "--cpus-per-worker", "1", "--torch-threads", "1"]
 
 
 @pytest.mark.s3
@@ -109,8 +104,8 @@ def test_an_image_unreadable_past_the_retries_fails_training_naming_it(
     victim = next(iter(files))
     with FaultProxy(s3_endpoint, [Fault("503", first=10**6, path_contains=victim)]) as proxy:
         # When training reads it
-        code = run(["train", "--data", data, "--run-dir", f"s3://{bucket}/runs/{layout}", *FAST,
-                    *_s3_flags(proxy.url)])
+        code = run(["train", "--data", data, "--run-dir", f"s3://{bucket}/runs/{layout}",
+                    "--epochs", "1", *FAST, *_s3_flags(proxy.url)])
     # Then the job fails with one line naming the object, and no run report is written
     assert code == 1
     reason = capfd.readouterr().err.strip().splitlines()[-1]
