@@ -106,8 +106,8 @@ RAY_NOISE = ("logging_progress", "Active & requested resources", "core_worker.cc
 
 
 def _brainray(*args: str, cwd) -> subprocess.CompletedProcess:
-    # The session's cluster, as a user's `ray start` one: a fresh local Ray per command would
-    # add two start-ups on 2 CPUs (most of two minutes) and change nothing on the console
+    # The session's cluster, as a user's `ray start` one: a fresh local Ray per command added
+    # two start-ups on 2 CPUs (~55 s of this test) and nothing brainray's console decides
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
