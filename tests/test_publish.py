@@ -3,12 +3,14 @@ every step of a commit, locally and on S3; what readers see at each point; the i
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -165,6 +167,61 @@ def test_dicom_identity_columns_are_published_and_null_when_absent():
     assert {k: table[k].to_pylist() for k in publish.DICOM_COLUMNS} == dicom
     assert table.schema.field(publish.COL_INSTANCE_NUMBER).type == pa.int32()
     assert all(bare[k].to_pylist() == [None] for k in publish.DICOM_COLUMNS)
+
+
+def _readme_series_query(scores_glob: str) -> str:
+    """The README's per-series duckdb query, pointed at `scores_glob`."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```sql\n")[1:]]
+    query = next(b for b in blocks if "PARTITION BY uri, member, frame" in b)
+    return query.replace("scores/scores/*.parquet", scores_glob)
+
+
+def _slices(run_id: str, scored_at: dt.datetime, slices: list[tuple]) -> pa.Table:
+    """Published rows of DICOM slices (series, instance, p_glioma, needs_review, status) and of
+    one PNG, in the published schema."""
+    n = len(slices) + 1
+    glioma = np.array([s[2] for s in slices] + [0.9], np.float32)
+    probs = np.stack([glioma, 1 - glioma, np.zeros(n), np.zeros(n)], 1).astype(np.float32)
+    series = [s[0] for s in slices] + [None]
+    batch = {"uri": np.array([f"in/{s[0]}-{s[1]}.dcm" for s in slices] + ["in/a.png"], object),
+             "member": np.full(n, None, object), "frame": np.array([0] * n, object),
+             "content_sha256": np.array([f"h{i}" for i in range(n)], object),
+             "status": np.array([s[4] for s in slices] + ["ok"], object),
+             "error": np.full(n, None, object), "source_size": np.full(n, 10),
+             "source_mtime_ns": np.full(n, 20), publish.COL_PROBS: probs,
+             publish.COL_NEEDS_REVIEW: np.array([s[3] for s in slices] + [False]),
+             publish.COL_OOD: np.zeros(n, bool),
+             publish.COL_STUDY_UID: np.array([s and "1.2" for s in series], object),
+             publish.COL_SERIES_UID: np.array(series, object),
+             publish.COL_SOP_UID: np.array([f"{s[0]}.{s[1]}" for s in slices] + [None], object),
+             publish.COL_MODALITY: np.array([s and "MR" for s in series], object),
+             publish.COL_SERIES_DESCRIPTION: np.array([s and f"AX {s}" for s in series], object),
+             publish.COL_INSTANCE_NUMBER: np.array([s[1] for s in slices] + [None], object)}
+    table = publish.output_table(batch, classes=CLASSES, model_id="m", model_name="bn_cnn",
+                                 run_id=run_id)
+    at = pa.array([scored_at] * n, table.schema.field(publish.COL_SCORED_AT).type)
+    return table.set_column(table.schema.get_field_index(publish.COL_SCORED_AT),
+                            publish.COL_SCORED_AT, at)
+
+
+def test_the_readmes_per_series_query_summarises_the_latest_score_of_each_slice(tmp_path):
+    # given series A (3 slices, slice 2 rescored by a later run) and B (2 slices, one an
+    # error), beside a PNG, in two published files
+    first = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    pq.write_table(_slices("r1", first, [("A", 1, 0.9, False, "ok"), ("A", 2, 0.2, True, "ok"),
+                                         ("A", 3, 0.6, True, "ok"), ("B", 1, 0.4, False, "ok"),
+                                         ("B", 2, 0.0, False, "error")]), tmp_path / "r1.parquet")
+    pq.write_table(_slices("r2", first + dt.timedelta(days=1), [("A", 2, 0.8, False, "ok")]),
+                   tmp_path / "r2.parquet")
+    # when the README's query runs over them
+    rows = duckdb.sql(_readme_series_query(f"{tmp_path}/*.parquet")).fetchall()
+    # then one row per series: the rescored slice counts once with its latest score, the error
+    # row and the PNG are left out, and series needing review come first
+    summary = {r[1]: (r[2], r[3], round(r[4], 4), round(r[5], 4), r[-1]) for r in rows}
+    assert [r[1] for r in rows] == ["A", "B"]
+    assert summary == {"A": ("AX A", 3, 0.9, round((0.9 + 0.8 + 0.6) / 3, 4), 1),
+                       "B": ("AX B", 1, 0.4, 0.4, 0)}
 
 
 def test_the_index_is_one_file_that_grows_with_each_commit(tmp_path):
