@@ -456,15 +456,19 @@ def list_children(uri: str, options: StorageOptions | None = None, *,
     return sorted(posixpath.basename(i.path) for i in infos if i.type == wanted)
 
 
-def delete_dir(uri: str, options: StorageOptions | None = None) -> None:
-    """Delete a folder and everything in it; nothing when it does not exist."""
+def _delete(uri: str, options: StorageOptions | None, method: str) -> None:
     fs, path = resolve(uri, options)
     try:
-        fs.delete_dir(path)
+        getattr(fs, method)(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise _wrap(uri, "delete", exc) from exc
+
+
+def delete_dir(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a folder and everything in it; nothing when it does not exist."""
+    _delete(uri, options, "delete_dir")
 
 
 # --- conditional writes: the scoring output's lease and manifest --------------------------------
@@ -557,10 +561,4 @@ def _write_versioned_local(uri: str, data: bytes, expected: str | None,
 
 def delete(uri: str, options: StorageOptions | None = None) -> None:
     """Delete one object; nothing when it does not exist."""
-    fs, path = resolve(uri, options)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise _wrap(uri, "delete", exc) from exc
+    _delete(uri, options, "delete_file")
