@@ -139,6 +139,8 @@ def table(root: str) -> str:
     lines = [TABLE_HEADER]
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         run_dir = _run_dir(root, name)
+        if not os.path.isdir(run_dir):  # logs kept beside the rows
+            continue
         try:
             with open(os.path.join(run_dir, "metrics.json")) as f:
                 metrics = json.load(f)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench import compute, scaling, time_to_accuracy
+from bench import compute, scaling, study, time_to_accuracy
 from bench.__main__ import summary_table
 from bench.common import mean_of_runs, replicate
 from brainray.model import build_model
@@ -183,3 +183,25 @@ def test_archives_summary_table_compares_the_largest_with_the_smallest():
     suite = summary_table({"archives": result}).splitlines()[-1]
     assert "1500 MB at 300 MiB / 1500 MB at 3072 MiB" in suite
     assert suite.endswith("| **missed** |")  # flat, but not every image was scored
+
+
+def _finished_row(run_dir: Path, accuracy: float) -> None:
+    run_dir.mkdir(parents=True)
+    metrics = {"accuracy": accuracy, "accuracy_ci95": [accuracy - 0.01, accuracy + 0.01],
+               "macro_f1": accuracy, "per_class": {"meningioma": {"recall": 0.95}},
+               "baseline_1nn": {"accuracy": 0.9}, "best_epoch": 40, "config": {"epochs": 45},
+               "training_images_per_s": 160.0}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "study.json").write_text(json.dumps({"wall_s": 1410.0}))
+
+
+def test_the_study_table_has_a_row_per_finished_run_and_skips_the_rest(tmp_path):
+    # given a finished row, one still training (no study.json) and a queue log beside them
+    _finished_row(tmp_path / "bn128_s1", 0.9738)
+    (tmp_path / "bn160_s1").mkdir()
+    (tmp_path / "bn160_s1" / "config.json").write_text("{}")
+    (tmp_path / "queue.log").write_text("started")
+    # when tabulated / then only the finished row is there, with its margin and wall minutes
+    lines = study.table(str(tmp_path)).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| `bn128_s1` | 0.9738 (0.964-0.984) |")
+    assert "| +7.4 |" in lines[2] and "| 23.5 | 160 |" in lines[2]
