@@ -140,7 +140,7 @@ def _print_split(summary: dict) -> None:
         say(f"  {name:>22}: {sum(counts.values()):5d}  {counts}")
 
 
-def _baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
+def baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
                       classes: list[str]) -> dict:
     """The 1-nearest-neighbour thumbnail baseline on the same split: what memory alone scores."""
     predicted = baseline.nearest_neighbour_predict(
@@ -335,7 +335,7 @@ def _without_tta(config: TrainConfig, source, paths, classes: list[str]) -> dict
     return {k: full[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "loss")}
 
 
-def _near_duplicates(train_index: pd.DataFrame, test_index: pd.DataFrame) -> dict:
+def near_duplicates(train_index: pd.DataFrame, test_index: pd.DataFrame) -> dict:
     similarity = baseline.nearest_similarity(np.stack(train_index[COL_THUMBNAIL].to_numpy()),
                                              np.stack(test_index[COL_THUMBNAIL].to_numpy()))
     return baseline.leakage_summary(similarity)
@@ -382,8 +382,8 @@ def _test_report(config: TrainConfig, data: PreparedData, result, wall_s: float)
     train_index = data.index[data.index[COL_SPLIT] == "train"]
     report = _report(config, checkpoint, loop_state, wall_s, {
         **compute_metrics(predictions, classes),
-        "baseline_1nn": _baseline_metrics(train_index, test_index, classes),
-        "near_duplicates": _near_duplicates(train_index, test_index),
+        "baseline_1nn": baseline_metrics(train_index, test_index, classes),
+        "near_duplicates": near_duplicates(train_index, test_index),
         "without_tta": _without_tta(config, test_source, test_paths, classes),
         "split": data.split_summary,
         "skipped_files": skipped_files(data.labeled.index) + (

@@ -9,9 +9,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
-from bench import compute, scaling, study, time_to_accuracy
+from bench import compute, leakage, scaling, study, time_to_accuracy
 from bench.__main__ import summary_table
 from bench.common import mean_of_runs, replicate
 from brainray.model import build_model
@@ -205,3 +207,28 @@ def test_the_study_table_has_a_row_per_finished_run_and_skips_the_rest(tmp_path)
     lines = study.table(str(tmp_path)).splitlines()
     assert len(lines) == 3 and lines[2].startswith("| `bn128_s1` | 0.9738 (0.964-0.984) |")
     assert "| +7.4 |" in lines[2] and "| 23.5 | 160 |" in lines[2]
+
+
+def _index(n_per_class: int, twins: int) -> pd.DataFrame:
+    """A decoded index as `load_labeled` returns it: distinct random thumbnails, except that the
+    first `twins` images of each class have a near-copy (thumbnail + 1) beside them."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for label in range(4):
+        thumbs = [rng.integers(0, 250, (32, 32), dtype=np.uint8) for _ in range(n_per_class)]
+        thumbs += [t + 1 for t in thumbs[:twins]]
+        rows += [{"path": f"/d/{label}/{i:03d}.png", "label": label, "sha256": f"{label}-{i}",
+                  "fingerprint": int(rng.integers(0, 2**63)), "thumbnail": t, "error": ""}
+                 for i, t in enumerate(thumbs)]
+    return pd.DataFrame(rows)
+
+
+def test_leakage_measures_the_stricter_grouping_on_the_same_decoded_data():
+    # given 4 classes of 20 distinct images, 5 of each with a near-copy beside it (100 images)
+    index = _index(20, 5)
+    # when measured with the hash grouping and with similarity linking
+    plain, strict = (leakage.measure(index, 0, similarity, 2) for similarity in (0.0, 0.99))
+    # then linking joins each near-copy to its image: 20 groups fewer, on the same images
+    assert (plain["n_groups"], strict["n_groups"]) == (100, 80)
+    assert 0.0 <= strict["baseline_1nn_accuracy"] <= 1.0 and strict["n_test"] > 0
+    assert set(strict["near_duplicates"]) >= {"share_above_0.95", "share_above_0.99"}
