@@ -153,6 +153,21 @@ def classification_metrics(y_true, probs, classes: Sequence[str],
     }
 
 
+def distinct_image_metrics(y_true, y_pred, groups, classes: Sequence[str]) -> dict:
+    """Accuracy and per-class recall with each duplicate group counted once (its first image in
+    the order given). Copies of one image inside the test split otherwise count it several
+    times, and the images' CI treats the copies as independent evidence."""
+    y, pred, groups = (np.asarray(a) for a in (y_true, y_pred, groups))
+    _, first = np.unique(groups, return_index=True)
+    y, pred = y[np.sort(first)], pred[np.sort(first)]
+    correct = int((y == pred).sum())
+    recall = {name: float((pred[y == i] == i).mean()) if (y == i).any() else None
+              for i, name in enumerate(classes)}
+    return {"method": "each duplicate group of the split counted once (its first image by path)",
+            "n_images": int(len(y)), "accuracy": correct / len(y),
+            "accuracy_ci95": list(accuracy_ci95(correct, len(y))), "recall": recall}
+
+
 def _series(history: Sequence[Mapping], key: str) -> list[float]:
     # Missing or None values become NaN so a partial history still plots.
     return [float("nan") if h.get(key) is None else float(h[key]) for h in history]

@@ -110,7 +110,8 @@ def _metrics_section(metrics: Mapping) -> list[str]:
                       f"accuracy {_pct(baseline['accuracy'])}, macro F1 "
                       f"{_num(baseline.get('macro_f1'))}. A gap to it is what the network "
                       "adds over memorising near-duplicates."]
-    lines += _leakage_lines(metrics.get("near_duplicates"))
+    lines += _leakage_lines(metrics.get("near_duplicates")) + _distinct_lines(
+        metrics.get("distinct_images"))
     plain = metrics.get("without_tta")
     if plain:
         lines += ["", f"Without test-time augmentation ({metrics.get('test_time_augmentation')}) "
@@ -120,6 +121,17 @@ def _metrics_section(metrics: Mapping) -> list[str]:
         lines += ["", f"*The test split has only {n} images: these numbers measure little; "
                       "see the confidence intervals.*"]
     return lines + [""]
+
+
+def _distinct_lines(distinct: Mapping | None) -> list[str]:
+    """The test metrics with each duplicate group counted once."""
+    if not distinct or not distinct.get("n_images"):
+        return []
+    low, high = distinct["accuracy_ci95"]
+    recall = ", ".join(f"{name} {_num(value)}" for name, value in distinct["recall"].items())
+    return ["", f"Distinct test images ({distinct.get('method')}): {distinct['n_images']}, "
+                f"accuracy {_pct(distinct['accuracy'])} (95% Wilson CI {_pct(low)}-{_pct(high)}); "
+                f"recall {recall}. Copies of one image within the test split count once here."]
 
 
 def _leakage_lines(leakage: Mapping | None) -> list[str]:

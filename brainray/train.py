@@ -40,6 +40,7 @@ from brainray.config import (
     COL_GROUP,
     COL_LABEL,
     COL_PATH,
+    COL_PROBS,
     COL_SHA256,
     COL_SPLIT,
     COL_THUMBNAIL,
@@ -341,6 +342,19 @@ def near_duplicates(train_index: pd.DataFrame, test_index: pd.DataFrame) -> dict
     return baseline.leakage_summary(similarity)
 
 
+def _distinct_images(predictions: pd.DataFrame, test_index: pd.DataFrame,
+                     classes: list[str]) -> dict | None:
+    """Test metrics over distinct images (brainray.metrics.distinct_image_metrics); None for a
+    held-out test set, which is not grouped."""
+    if COL_GROUP not in test_index:
+        return None
+    rows = predictions[[COL_PATH, COL_LABEL, COL_PROBS]].merge(
+        test_index[[COL_PATH, COL_GROUP]], on=COL_PATH).sort_values(COL_PATH)
+    predicted = np.stack(rows[COL_PROBS].to_numpy()).argmax(1)
+    return metric_fns.distinct_image_metrics(rows[COL_LABEL].to_numpy(), predicted,
+                                             rows[COL_GROUP].to_numpy(), classes)
+
+
 @dataclass
 class PreparedData:
     """The run's data after decoding and splitting: what training and the report need."""
@@ -384,6 +398,7 @@ def _test_report(config: TrainConfig, data: PreparedData, result, wall_s: float)
         **compute_metrics(predictions, classes),
         "baseline_1nn": baseline_metrics(train_index, test_index, classes),
         "near_duplicates": near_duplicates(train_index, test_index),
+        "distinct_images": _distinct_images(predictions, test_index, classes),
         "without_tta": _without_tta(config, test_source, test_paths, classes),
         "split": data.split_summary,
         "skipped_files": skipped_files(data.labeled.index) + (
@@ -440,6 +455,11 @@ def _print_summary(report: dict, config: TrainConfig) -> None:
           + metric_fns.format_summary(report))
     if report["without_tta"]:
         say(f"without test-time augmentation: accuracy {report['without_tta']['accuracy']:.4f}")
+    if report["distinct_images"]:
+        distinct = report["distinct_images"]
+        say(f"distinct test images (each duplicate group once): {distinct['n_images']}, accuracy "
+            f"{distinct['accuracy']:.4f} (95% CI {distinct['accuracy_ci95'][0]:.4f}-"
+            f"{distinct['accuracy_ci95'][1]:.4f})")
     say(f"trivial baseline (1-NN on thumbnails, same split): accuracy "
           f"{nn_baseline['accuracy']:.4f}, macro F1 {nn_baseline['macro_f1']:.4f}; test images "
           f"whose nearest training thumbnail is > 0.95 / > 0.99 similar: "

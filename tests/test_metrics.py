@@ -7,6 +7,7 @@ import pytest
 from brainray.metrics import (
     accuracy_ci95,
     classification_metrics,
+    distinct_image_metrics,
     expected_calibration_error,
     format_summary,
     render_accuracy_curve,
@@ -367,3 +368,14 @@ def test_format_summary_handles_missing_auc():
 
     # then
     assert "ROC-AUC: n/a" in text
+
+
+def test_distinct_image_metrics_count_each_duplicate_group_once():
+    # given 5 test images: three copies of one glioma (group 0), all misread, and two distinct
+    # images read right
+    y, pred, groups = [0, 0, 0, 1, 2], [1, 1, 1, 1, 2], [0, 0, 0, 1, 2]
+    # when measured / then the copies count once: 2 of 3 distinct images, not 2 of 5
+    result = distinct_image_metrics(y, pred, groups, CLASSES)
+    assert (result["n_images"], result["accuracy"]) == (3, 2 / 3)
+    assert result["accuracy_ci95"] == list(accuracy_ci95(2, 3))
+    assert result["recall"] == {"glioma": 0.0, "meningioma": 1.0, "notumor": 1.0}

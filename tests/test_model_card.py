@@ -91,6 +91,17 @@ def test_model_card_reports_the_near_duplication_left_across_the_split():
     assert "25.0% of the test images are above 0.95 and 5.0% above 0.99" in card
 
 
+def test_model_card_reports_the_distinct_image_accuracy():
+    metrics = _metrics(with_trust=False)
+    assert "Distinct test images" not in render_model_card(metrics)  # runs from before it
+    metrics["distinct_images"] = {"method": "each group once", "n_images": 90, "accuracy": 0.9,
+                                  "accuracy_ci95": [0.82, 0.95],
+                                  "recall": {"glioma": 0.8, "meningioma": 1.0}}
+    card = render_model_card(metrics)
+    assert ("Distinct test images (each group once): 90, accuracy 90.0% (95% Wilson CI "
+            "82.0%-95.0%); recall glioma 0.800, meningioma 1.000.") in card
+
+
 def test_model_card_states_the_recipe_ema_tta_and_initial_weights():
     metrics = _metrics(with_trust=False)
     metrics.update(recipe="default", recipe_overrides={"lr": 0.001},

@@ -66,6 +66,9 @@ def test_train_on_s3_with_two_workers_then_evaluate(ray_cluster, s3_bucket, s3_o
     # every validation image is evaluated exactly once although two workers share the work
     assert metrics["history"][0]["val_images"] == (split["split"] == "val").sum()
     assert metrics["n_images"] == (split["split"] == "test").sum()
+    # and again with each duplicate group of the test split counted once
+    assert metrics["distinct_images"]["n_images"] == split.loc[split["split"] == "test",
+                                                               "group"].nunique()
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["n_images"]
     # the trivial nearest-neighbour baseline is reported on the same test images
     assert metrics["baseline_1nn"]["n_images"] == metrics["n_images"]
