@@ -303,3 +303,19 @@ def test_each_epoch_reaches_mlflow_and_tensorboard_and_a_relaunch_continues(rela
     events = EventAccumulator(str(relaunched.run_dir / "tensorboard"))
     events.Reload()
     assert sorted({e.step for e in events.Scalars("loss/val")}) == [1, 2]
+
+
+def test_distinct_images_count_each_test_group_once_and_skip_an_ungrouped_held_out_set():
+    import numpy as np
+
+    from brainray.train import _distinct_images
+
+    # given three test predictions, two of them copies of one image (group 4), and one wrong
+    predictions = pd.DataFrame({"path": ["/t/b", "/t/a", "/t/c"], "label": [0, 0, 1],
+                                "probs": [np.array([0.9, 0.1]), np.array([0.8, 0.2]),
+                                          np.array([0.7, 0.3])]})
+    grouped = pd.DataFrame({"path": ["/t/a", "/t/b", "/t/c"], "group": [4, 4, 9]})
+    # when measured / then the copies count once; a held-out set (no groups) gets no figure
+    distinct = _distinct_images(predictions, grouped, ["glioma", "meningioma"])
+    assert (distinct["n_images"], distinct["accuracy"]) == (2, 0.5)
+    assert _distinct_images(predictions, grouped.drop(columns="group"), ["a", "b"]) is None
