@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch
 from brainray import storage
 from brainray.checkpoint import deserialize
 from brainray.cli import run
+from brainray.train import _distinct_images
 from tests.conftest import FAKE_SECRET, FAST, tiny_dataset_files, upload_tree, write_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -306,10 +308,6 @@ def test_each_epoch_reaches_mlflow_and_tensorboard_and_a_relaunch_continues(rela
 
 
 def test_distinct_images_count_each_test_group_once_and_skip_an_ungrouped_held_out_set():
-    import numpy as np
-
-    from brainray.train import _distinct_images
-
     # given three test predictions, two of them copies of one image (group 4), and one wrong
     predictions = pd.DataFrame({"path": ["/t/b", "/t/a", "/t/c"], "label": [0, 0, 1],
                                 "probs": [np.array([0.9, 0.1]), np.array([0.8, 0.2]),
