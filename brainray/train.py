@@ -142,7 +142,7 @@ def _print_split(summary: dict) -> None:
 
 
 def baseline_metrics(train_index: pd.DataFrame, test_index: pd.DataFrame,
-                      classes: list[str]) -> dict:
+                     classes: list[str]) -> dict:
     """The 1-nearest-neighbour thumbnail baseline on the same split: what memory alone scores."""
     predicted = baseline.nearest_neighbour_predict(
         np.stack(train_index[COL_THUMBNAIL].to_numpy()), train_index[COL_LABEL].to_numpy(),
