@@ -15,29 +15,20 @@ import argparse
 import json
 
 from bench.common import DEFAULT_DATA
-from brainray.config import (
-    COL_GROUP,
-    COL_LABEL,
-    COL_SPLIT,
-    DEFAULT_CLASSES,
-    PreprocessConfig,
-    StorageOptions,
-)
+from brainray.config import COL_GROUP, COL_SPLIT, RECIPES, PreprocessConfig, TrainConfig
 from brainray.data import assign_splits, load_labeled
-from brainray.split import split_report
 from brainray.train import baseline_metrics, near_duplicates
 
-FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
-
-def measure(index, seed: int, min_similarity: float, max_hamming: int) -> dict:
-    """One split of the decoded index: its groups, 1-NN baseline and leftover near-duplicates."""
-    split = assign_splits(index, FRACTIONS, seed, max_hamming, None, min_similarity)
+def measure(index, config: TrainConfig, seed: int, min_similarity: float) -> dict:
+    """One split of the decoded index, with `config`'s fractions and Hamming bound as training
+    splits it: its groups, 1-NN baseline and leftover near-duplicates."""
+    split = assign_splits(index, config.split_fractions, seed, config.dedup_max_hamming, None,
+                          min_similarity)
     train, test = (split[split[COL_SPLIT] == name] for name in ("train", "test"))
-    groups = split_report(split[COL_LABEL].to_numpy(), split[COL_GROUP].to_numpy(),
-                          split[COL_SPLIT].to_numpy(), list(DEFAULT_CLASSES))
-    nn = baseline_metrics(train, test, list(DEFAULT_CLASSES))
-    return {"seed": seed, "min_similarity": min_similarity, "n_groups": groups["n_groups"],
+    nn = baseline_metrics(train, test, list(config.classes))
+    return {"seed": seed, "min_similarity": min_similarity,
+            "n_groups": int(split[COL_GROUP].nunique()),
             "n_test": len(test), "baseline_1nn_accuracy": round(nn["accuracy"], 4),
             "baseline_1nn_ci95": [round(v, 4) for v in nn["accuracy_ci95"]],
             "near_duplicates": near_duplicates(train, test)}
@@ -48,13 +39,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--min-similarity", type=float, nargs="+", default=[0.0, 0.99])
-    parser.add_argument("--max-hamming", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--max-hamming", type=int, default=TrainConfig.dedup_max_hamming)
+    parser.add_argument("--image-size", type=int, default=RECIPES["default"]["image_size"])
     parser.add_argument("--out", default="bench-leakage.json")
     args = parser.parse_args(argv)
-    labeled = load_labeled(args.data, list(DEFAULT_CLASSES),
-                           PreprocessConfig(image_size=args.image_size), StorageOptions())
-    rows = [measure(labeled.index, seed, similarity, args.max_hamming)
+    # a training run's settings, so the splits are the ones `brainray train` draws; no run is
+    # written, so it has no run directory
+    config = TrainConfig(data=args.data, run_dir="", dedup_max_hamming=args.max_hamming,
+                         preprocess=PreprocessConfig(image_size=args.image_size))
+    labeled = load_labeled(config.data, list(config.classes), config.preprocess, config.storage)
+    rows = [measure(labeled.index, config, seed, similarity)
             for similarity in args.min_similarity for seed in args.seeds]
     for row in rows:
         near = row["near_duplicates"]

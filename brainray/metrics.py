@@ -158,8 +158,8 @@ def distinct_image_metrics(y_true, y_pred, groups, classes: Sequence[str]) -> di
     the order given). Copies of one image inside the test split otherwise count it several
     times, and the images' CI treats the copies as independent evidence."""
     y, pred, groups = (np.asarray(a) for a in (y_true, y_pred, groups))
-    _, first = np.unique(groups, return_index=True)
-    y, pred = y[np.sort(first)], pred[np.sort(first)]
+    first = np.sort(np.unique(groups, return_index=True)[1])
+    y, pred = y[first], pred[first]
     correct = int((y == pred).sum())
     recall = {name: float((pred[y == i] == i).mean()) if (y == i).any() else None
               for i, name in enumerate(classes)}

@@ -16,6 +16,7 @@ import torch
 from bench import compute, leakage, scaling, study, time_to_accuracy
 from bench.__main__ import summary_table
 from bench.common import mean_of_runs, replicate
+from brainray.config import TrainConfig
 from brainray.model import build_model
 
 
@@ -227,7 +228,8 @@ def test_leakage_measures_the_stricter_grouping_on_the_same_decoded_data():
     # given 4 classes of 20 distinct images, 5 of each with a near-copy beside it (100 images)
     index = _index(20, 5)
     # when measured with the hash grouping and with similarity linking
-    plain, strict = (leakage.measure(index, 0, similarity, 2) for similarity in (0.0, 0.99))
+    config = TrainConfig(data="/d", run_dir="")
+    plain, strict = (leakage.measure(index, config, 0, similarity) for similarity in (0.0, 0.99))
     # then linking joins each near-copy to its image: 20 groups fewer, on the same images
     assert (plain["n_groups"], strict["n_groups"]) == (100, 80)
     assert 0.0 <= strict["baseline_1nn_accuracy"] <= 1.0 and strict["n_test"] > 0
