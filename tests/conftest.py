@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -23,6 +24,17 @@ FAKE_SECRET = "brainray-fake-secret-never-logged-0123456789"
 # the pipeline is the same as at full size.
 FAST = ["--image-size", "32", "--batch-size", "8", "--no-gpu", "--cpus-per-worker", "1",
         "--torch-threads", "1", "--warmup-epochs", "0"]
+
+
+# Ray forwards other processes' output to the driver as "(Name pid=N) ..." (coloured on a
+# terminal); in tests a leftover actor of an earlier test on the shared cluster can print one at
+# any moment, so assertions about brainray's own stderr leave those lines out.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\S+ pid=\d+")
+
+
+def own_lines(stream_text: str) -> list[str]:
+    """The lines of captured output that brainray printed, without Ray's forwarded ones."""
+    return [line for line in stream_text.strip().splitlines() if not _RAY_FORWARDED.match(line)]
 
 
 def _free_port() -> int:

@@ -25,7 +25,15 @@ from brainray.checkpoint import CHECKPOINT_FORMAT
 from brainray.cli import run
 from brainray.config import DEFAULT_CLASSES, StorageOptions
 from brainray.publish import output_schema
-from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, encode, synthetic_scan, upload_tree, write_tree
+from tests.conftest import (
+    FAKE_KEY_ID,
+    FAKE_SECRET,
+    encode,
+    own_lines,
+    synthetic_scan,
+    upload_tree,
+    write_tree,
+)
 from tests.corpus import write_checkpoint
 from tests.faultproxy import Fault, FaultProxy
 
@@ -56,10 +64,10 @@ def _score(model, inputs, output, *extra) -> int:
 
 def _one_line_error(capfd) -> str:
     """The job's one-line reason: the last line on stderr, and the only one brainray wrote
-    (Ray's own C++ warnings may precede it on the process's stderr)."""
-    err = capfd.readouterr().err.strip()
-    ours = [line for line in err.splitlines() if line.startswith("brainray score: ")]
-    assert len(ours) == 1 and err.splitlines()[-1] == ours[0], err
+    (Ray's C++ warnings and forwarded actor lines may surround it on the process's stderr)."""
+    err = own_lines(capfd.readouterr().err)
+    ours = [line for line in err if line.startswith("brainray score: ")]
+    assert len(ours) == 1 and err[-1] == ours[0], err
     return ours[0]
 
 
@@ -434,7 +442,7 @@ def test_a_failing_job_never_prints_a_signature_or_credential(ray_cluster, model
     code = _score(model, inputs, output, "--s3-endpoint", endpoint)
     # Then it fails with one line, and neither the secret nor the key id is printed anywhere
     out, err = capfd.readouterr()
-    assert code == 1 and err.strip().splitlines()[-1].startswith("brainray score: error: "), err
+    assert code == 1 and own_lines(err)[-1].startswith("brainray score: error: "), err
     _assert_no_secret(out, err, *_bucket_objects(client, bucket).values())
     _assert_no_secret(*(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()))
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRET  # it was there to leak

@@ -21,7 +21,7 @@ from brainray import storage
 from brainray.checkpoint import deserialize
 from brainray.cli import run
 from brainray.train import _distinct_images
-from tests.conftest import FAKE_SECRET, FAST, tiny_dataset_files, upload_tree, write_tree
+from tests.conftest import FAKE_SECRET, FAST, own_lines, tiny_dataset_files, upload_tree, write_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -158,8 +158,8 @@ def test_missing_data_fails_fast_with_the_uri(ray_cluster, tmp_path, capsys):
 
     # Then the job exits non-zero naming the path
     assert code == 1
-    err = capsys.readouterr().err.strip()
-    assert str(missing) in err and len(err.splitlines()) == 1
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(missing) in err[0]
 
 
 def _weights_file(path, name: str = "resnet18", seed: int = 0):

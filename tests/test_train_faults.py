@@ -13,7 +13,7 @@ import pytest
 from brainray.cli import build_parser, run, train_config
 from brainray.report import skipped_files
 from brainray.train import prepare_splits
-from tests.conftest import FAST, tiny_dataset_files, upload_tree, write_tree
+from tests.conftest import FAST, own_lines, tiny_dataset_files, upload_tree, write_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -108,7 +108,7 @@ def test_an_image_unreadable_past_the_retries_fails_training_naming_it(
                     "--epochs", "1", *FAST, *_s3_flags(proxy.url)])
     # Then the job fails with one line naming the object, and no run report is written
     assert code == 1
-    reason = capfd.readouterr().err.strip().splitlines()[-1]
+    reason = own_lines(capfd.readouterr().err)[-1]
     assert reason.startswith("brainray train: error: ") and victim.split("/")[-1] in reason
     listed = client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{layout}/metrics.json")
     assert listed.get("KeyCount", 0) == 0
