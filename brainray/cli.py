@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -701,7 +702,7 @@ def _run_ray_job(args, config) -> None:
     import ray
 
     from brainray import storage
-    from brainray.console import captured, say
+    from brainray.console import captured
 
     job = _job_function(args.command)
     local_log, remote_log = _log_files(args.command, config, args.verbose)
@@ -719,12 +720,26 @@ def _run_ray_job(args, config) -> None:
                 if ours:  # flushes the workers' last forwarded lines into the log, too
                     ray.shutdown()
     finally:
-        if remote_log and os.path.exists(local_log):
-            try:
-                with open(local_log, "rb") as f:
-                    storage.write_bytes(remote_log, f.read(), config.storage)
-            except storage.StorageError as exc:  # the job's own outcome matters more
-                say(f"warning: cannot copy Ray's log to {storage.redact(remote_log)}: {exc}")
+        if remote_log:
+            _copy_log(local_log, remote_log, config.storage)
+
+
+def _copy_log(local_log: str, remote_log: str, options) -> None:
+    """Copy the local log of an S3 output to the output, then drop its temp folder (a nightly
+    job must not leave one behind every night)."""
+    from brainray import storage
+    from brainray.console import say
+
+    if not os.path.exists(local_log):
+        return
+    try:
+        with open(local_log, "rb") as f:
+            storage.write_bytes(remote_log, f.read(), options)
+    except storage.StorageError as exc:  # the job's own outcome matters more; keep the file
+        say(f"warning: cannot copy Ray's log to {storage.redact(remote_log)} ({exc}); "
+            f"it stays at {local_log}")
+        return
+    shutil.rmtree(os.path.dirname(local_log), ignore_errors=True)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ the run directory, so a resumed run continues the same MLflow run.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 
@@ -71,8 +72,11 @@ class RunTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """A run that failed ends its MLflow run as FAILED; the event file is closed either way."""
+        """A run that failed ends its MLflow run as FAILED; the event file is closed either way,
+        and its local copy for a run on S3 removed (each epoch already uploaded it)."""
         self.writer.close()
+        if not self.local_run:
+            shutil.rmtree(self.tb_dir, ignore_errors=True)
         if exc_type is not None and self.mlflow is not None:
             self.mlflow.end(status="FAILED")
 

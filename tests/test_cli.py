@@ -403,3 +403,33 @@ def test_the_sample_run_shortens_the_recipes_epochs_and_says_so():
     config = _train()
     assert config.epochs == cli.SAMPLE_EPOCHS
     assert config.recipe_overrides() == {"epochs": cli.SAMPLE_EPOCHS}
+
+
+# --- the console log of a job whose output is on S3 ---------------------------------------
+
+
+def _local_log(tmp_path, text: str = "ray said this\n") -> Path:
+    folder = tmp_path / "brainray-log-x"
+    folder.mkdir()
+    (folder / "train-1.log").write_text(text)
+    return folder / "train-1.log"
+
+
+@pytest.mark.s3
+def test_the_log_of_an_s3_run_is_copied_there_and_its_temp_folder_removed(tmp_path, s3_bucket,
+                                                                          s3_options):
+    client, bucket = s3_bucket
+    log = _local_log(tmp_path)
+    cli._copy_log(str(log), f"s3://{bucket}/run/logs/train-1.log", s3_options)
+    body = client.get_object(Bucket=bucket, Key="run/logs/train-1.log")["Body"].read()
+    assert body == b"ray said this\n"
+    assert not log.parent.exists()
+
+
+@pytest.mark.s3
+def test_a_log_that_cannot_be_copied_stays_where_the_warning_says(tmp_path, s3_options, capsys):
+    log = _local_log(tmp_path)
+    cli._copy_log(str(log), "s3://no-such-bucket-brainray/run/logs/train-1.log", s3_options)
+    assert log.read_text() == "ray said this\n"
+    out = capsys.readouterr().out
+    assert "cannot copy Ray's log" in out and f"it stays at {log}" in out

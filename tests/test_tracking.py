@@ -4,6 +4,7 @@ libraries' own readers (TensorBoard's event accumulator, MLflow's client on a sq
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pytest
@@ -133,3 +134,17 @@ def test_epochs_logged_from_another_thread_land_in_the_same_run(tmp_path, mlflow
         tracker.finish(_report())
     runs = mlflow.search_runs(experiment_names=["brainray"], output_format="list")
     assert len(runs) == 1 and "val_loss" in runs[0].data.metrics
+
+
+@pytest.mark.s3
+def test_a_run_on_s3_gets_its_events_there_and_leaves_no_local_copy(tmp_path, s3_bucket,
+                                                                     s3_options):
+    client, bucket = s3_bucket
+    config = TrainConfig(data="/d", run_dir=f"s3://{bucket}/run", storage=s3_options)
+    with RunTracker(config) as tracker:
+        tracker.epoch(_epoch(1))
+        tracker.finish(_report())
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"run/{TENSORBOARD_DIR}/")
+    assert [o["Key"].split("/")[-1].startswith("events.out.tfevents") for o in
+            listed["Contents"]] == [True]
+    assert not os.path.exists(tracker.tb_dir)
