@@ -10,11 +10,11 @@ process against the moto server's endpoint. Memory is sampled over that process 
 every process it starts (the local Ray cluster); the moto server holds the objects itself and is
 measured apart, never counted as brainray's.
 
-Needs free disk for one tar plus moto's copy of it (about twice the largest size). moto reads the
-whole object for every ranged GET (8 MiB each here), so its cost grows with the size squared: the
-`moto_ranged_get_s` figure of each size tells how long one request takes (0.19 s at 200 MiB on a
-loaded 2-core VM, so about 3 s at 3 GiB, near the 3 s after which brainray's S3 client gives up
-on a request that sends nothing: a failure there is moto's slowness, not brainray's memory).
+Needs free disk for one tar plus moto's copy of it (about twice the largest size). Plain moto
+reads the whole object for every ranged GET (8 MiB each here): 0.19 s per request at 200 MiB,
+seconds at 3 GiB, where brainray's S3 client (rightly) gives up on a request that sends nothing
+for 3 s. So the server here is `bench.ranged_moto`, moto with ranged GETs that read only their
+range, as S3 serves them; `moto_ranged_get_s` records what one request costs.
 """
 
 from __future__ import annotations
@@ -139,11 +139,11 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def moto_server(log: Path) -> Iterator[tuple[str, int]]:
-    """(endpoint, pid) of a moto S3 server on 127.0.0.1 in its own process, as the tests run one,
-    but apart so that its memory (it keeps every object) is never counted as the job's."""
+    """(endpoint, pid) of a moto S3 server (`bench.ranged_moto`) on 127.0.0.1 in its own
+    process, apart so that its memory (it keeps every object) is never counted as the job's."""
     port = _free_port()
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+        server = subprocess.Popen([sys.executable, "-m", "bench.ranged_moto", "-H", "127.0.0.1",
                                    "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -176,8 +176,8 @@ def _s3_client(endpoint: str):
 
 
 def upload(client, path: Path, key: str) -> dict:
-    """Multipart upload (boto3 splits anything over 8 MiB into parts), plus how long moto takes
-    to answer one 8 MiB ranged GET of it: it reads the whole object for every one."""
+    """Multipart upload (boto3 splits anything over 8 MiB into parts), plus how long the server
+    takes to answer one 8 MiB ranged GET of it."""
     start = time.perf_counter()
     client.upload_file(str(path), BUCKET, key)
     uploaded = time.perf_counter() - start

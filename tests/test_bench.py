@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from bench import compute, leakage, scaling, study, time_to_accuracy
@@ -234,3 +235,42 @@ def test_leakage_measures_the_stricter_grouping_on_the_same_decoded_data():
     assert (plain["n_groups"], strict["n_groups"]) == (100, 80)
     assert 0.0 <= strict["baseline_1nn_accuracy"] <= 1.0 and strict["n_test"] > 0
     assert set(strict["near_duplicates"]) >= {"share_above_0.95", "share_above_0.99"}
+
+
+@pytest.mark.s3
+def test_ranged_moto_serves_a_range_from_the_stored_file_and_a_plain_get_whole(monkeypatch):
+    # Given moto patched by bench.ranged_moto, with a counter on its whole-body read
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from bench import ranged_moto
+    from tests.conftest import _free_port
+
+    whole_reads = []
+    plain = ranged_moto._plain_value
+    monkeypatch.setattr(ranged_moto, "_plain_value", property(
+        lambda key: whole_reads.append(key.name) or plain.fget(key), plain.fset))
+    restore = ranged_moto.install()
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}",
+                              region_name="us-east-1")
+        client.create_bucket(Bucket="bench-ranged")
+        body = np.random.default_rng(0).bytes(3 * 2**20)
+        client.put_object(Bucket="bench-ranged", Key="big", Body=body)
+        whole_reads.clear()
+        # When a range, a suffix range and the whole object are read
+        ranged = client.get_object(Bucket="bench-ranged", Key="big", Range="bytes=1000000-1999999")
+        suffix = client.get_object(Bucket="bench-ranged", Key="big", Range="bytes=-10")["Body"].read()
+        ranges_read_whole = list(whole_reads)
+        whole = client.get_object(Bucket="bench-ranged", Key="big")["Body"].read()
+    finally:
+        server.stop()
+        restore()
+    # Then the ranges are the right bytes with S3's headers, and only the plain GET read it all
+    assert ranged["Body"].read() == body[1000000:2000000]
+    assert ranged["ContentRange"] == f"bytes 1000000-1999999/{len(body)}"
+    assert suffix == body[-10:] and whole == body
+    assert ranges_read_whole == [] and whole_reads == ["big"]
