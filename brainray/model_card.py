@@ -165,6 +165,15 @@ def _training_line(config: Mapping, metrics: Mapping, history: list) -> str:
                else "random (trained from scratch)") + ".")
 
 
+def _rejection(cal: Mapping) -> str:
+    if not cal.get("rejected_by_cross_validation"):
+        return ""
+    held_out = cal["cross_validated_nll"]
+    return (f" (the fit, T = {cal['fitted_temperature']:.3f} from {cal.get('val_errors', 'n/a')} "
+            f"validation errors, lost to T = 1 on held-out folds: NLL {held_out['fitted']:.4f} "
+            f"against {held_out['at_1']:.4f}, so it is not used)")
+
+
 def _calibration_section(metrics: Mapping) -> list[str]:
     cal, abst = metrics.get("calibration"), metrics.get("abstention")
     lines = ["## Calibration and abstention", ""]
@@ -175,7 +184,7 @@ def _calibration_section(metrics: Mapping) -> list[str]:
         f"Temperature scaling fitted on the validation split ({cal.get('n_val', 'n/a')} images): "
         f"T = {cal['temperature']:.3f}"
         + (" (at a search bound: the validation set is too small or too easy to fit T "
-           "reliably)" if cal.get("at_bound") else "") + ". On the test split:")
+           "reliably)" if cal.get("at_bound") else "") + _rejection(cal) + ". On the test split:")
     lines += ["", "| | ECE (15 bins) | NLL |", "|---|---|---|",
               f"| before (T = 1) | {_num(cal.get('ece_before'))} | {_num(cal.get('nll_before'))} |",
               f"| after | {_num(cal.get('ece_after'))} | {_num(cal.get('nll_after'))} |", "",

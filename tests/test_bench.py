@@ -257,15 +257,16 @@ def test_ranged_moto_serves_a_range_from_the_stored_file_and_a_plain_get_whole(m
     try:
         client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}",
                               region_name="us-east-1")
-        client.create_bucket(Bucket="bench-ranged")
+        bucket = "bench-ranged"
+        client.create_bucket(Bucket=bucket)
         body = np.random.default_rng(0).bytes(3 * 2**20)
-        client.put_object(Bucket="bench-ranged", Key="big", Body=body)
+        client.put_object(Bucket=bucket, Key="big", Body=body)
         whole_reads.clear()
         # When a range, a suffix range and the whole object are read
-        ranged = client.get_object(Bucket="bench-ranged", Key="big", Range="bytes=1000000-1999999")
-        suffix = client.get_object(Bucket="bench-ranged", Key="big", Range="bytes=-10")["Body"].read()
+        ranged = client.get_object(Bucket=bucket, Key="big", Range="bytes=1000000-1999999")
+        suffix = client.get_object(Bucket=bucket, Key="big", Range="bytes=-10")["Body"].read()
         ranges_read_whole = list(whole_reads)
-        whole = client.get_object(Bucket="bench-ranged", Key="big")["Body"].read()
+        whole = client.get_object(Bucket=bucket, Key="big")["Body"].read()
     finally:
         server.stop()
         restore()

@@ -55,6 +55,37 @@ def test_temperature_keeps_the_predicted_class_and_one_is_identity():
         cal.apply_temperature(probs, 0.0)
 
 
+def _few_confident_errors(n: int = 570, errors: int = 4, seed: int = 0):
+    """A validation split like seed 1's: confidently right but for a few confident mistakes."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    logits = rng.normal(size=(n, 4))
+    logits[np.arange(n), y] += rng.uniform(4, 12, n)
+    for i in rng.choice(n, errors, replace=False):
+        logits[i] = 0.0
+        logits[i, (y[i] + 1) % 4] = 6.0
+    return cal.softmax(logits), y
+
+
+def test_a_sharpening_fit_on_a_few_errors_is_rejected_by_cross_validation():
+    # Given a validation split whose in-sample fit is a T below 1
+    probs, y = _few_confident_errors()
+    fit = cal.fit_temperature(probs, y)
+    assert fit["fitted_temperature"] < 1 and fit["val_errors"] == 4
+    # Then on held-out folds that T does worse than none, and T = 1 is used
+    held_out = fit["cross_validated_nll"]
+    assert held_out["fitted"] > held_out["at_1"]
+    assert fit["rejected_by_cross_validation"] and fit["temperature"] == 1.0
+    assert fit["val_nll_after"] == fit["val_nll_before"]
+
+
+def test_an_overconfident_model_keeps_its_fitted_temperature_under_cross_validation():
+    probs, y = _overconfident(true_t=2.5)
+    fit = cal.fit_temperature(probs, y)
+    assert not fit["rejected_by_cross_validation"]
+    assert fit["temperature"] == fit["fitted_temperature"] > 2
+
+
 def test_perfect_validation_set_stops_at_the_lower_bound_and_says_so():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
     fit = cal.fit_temperature(probs, np.array([0, 1, 0]))

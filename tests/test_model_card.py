@@ -115,3 +115,14 @@ def test_model_card_states_the_recipe_ema_tta_and_initial_weights():
     assert "test-time augmentation hflip" in card
     assert "initial weights s3://b/r18.pth (sha256 " + "ab" * 32 + ")" in card
     assert "Without test-time augmentation (hflip) the same model scores accuracy 50.0%" in card
+
+
+def test_the_card_says_when_cross_validation_rejected_the_fitted_temperature():
+    metrics = _metrics()
+    metrics["calibration"].update(
+        temperature=1.0, fitted_temperature=0.815, val_errors=4,
+        rejected_by_cross_validation=True,
+        cross_validated_nll={"folds": 5, "at_1": 0.0206, "fitted": 0.0231})
+    card = render_model_card(metrics)
+    assert ("T = 1.000 (the fit, T = 0.815 from 4 validation errors, lost to T = 1 on held-out "
+            "folds: NLL 0.0231 against 0.0206, so it is not used)") in card
