@@ -67,7 +67,7 @@ def fit_temperature(probs, y) -> dict:
     """The T in TEMPERATURE_BOUNDS minimising validation NLL of softmax(log p / T).
 
     The NLL of temperature-scaled logits is convex in 1/T, so a bounded scalar search on log T
-    finds the optimum. The fit is used only if it also beats T = 1 on held-out folds
+    finds the optimum. A T < 1 is used only if it also beats T = 1 on held-out folds
     (`cross_validated_nll`); otherwise T is 1 and `rejected_by_cross_validation` says so. Returns
     the temperature, the fitted one, whether it sits on a bound, and the NLL at T=1 and at T.
     """
@@ -80,7 +80,9 @@ def fit_temperature(probs, y) -> dict:
     nll_one, nll_fit = _nll_of_logits(z, y), _nll_of_logits(z / temperature, y)
     if not nll_fit <= nll_one:  # never make validation worse than no scaling
         temperature, nll_fit = 1.0, nll_one
-    held_out = cross_validated_nll(z, y)
+    # Only a sharpening T must prove itself on held-out folds: it makes every confidence more
+    # extreme, the costly direction for a model whose low-confidence images go to review.
+    held_out = cross_validated_nll(z, y) if temperature < 1 else None
     kept = held_out is None or held_out["fitted"] < held_out["at_1"]
     at_bound = min(abs(math.log(temperature) - low), abs(math.log(temperature) - high)) < 1e-3
     return {"temperature": temperature if kept else 1.0, "at_bound": bool(at_bound and kept),

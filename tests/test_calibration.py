@@ -79,11 +79,13 @@ def test_a_sharpening_fit_on_a_few_errors_is_rejected_by_cross_validation():
     assert fit["val_nll_after"] == fit["val_nll_before"]
 
 
-def test_an_overconfident_model_keeps_its_fitted_temperature_under_cross_validation():
-    probs, y = _overconfident(true_t=2.5)
+def test_a_softening_fit_is_used_without_the_held_out_check():
+    # Given an overconfident model (a T above 1 fits), on a split small enough to fold
+    probs, y = _overconfident(n=40, true_t=2.5)
     fit = cal.fit_temperature(probs, y)
-    assert not fit["rejected_by_cross_validation"]
-    assert fit["temperature"] == fit["fitted_temperature"] > 2
+    # Then its T is used as fitted, and no cross-validation was asked of it
+    assert fit["fitted_temperature"] > 1 and fit["temperature"] == fit["fitted_temperature"]
+    assert fit["cross_validated_nll"] is None and not fit["rejected_by_cross_validation"]
 
 
 def test_perfect_validation_set_stops_at_the_lower_bound_and_says_so():
