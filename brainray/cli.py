@@ -730,11 +730,10 @@ def _copy_log(local_log: str, remote_log: str, options) -> None:
     from brainray import storage
     from brainray.console import say
 
-    if not os.path.exists(local_log):
-        return
     try:
-        with open(local_log, "rb") as f:
-            storage.write_bytes(remote_log, f.read(), options)
+        if os.path.exists(local_log):
+            with open(local_log, "rb") as f:
+                storage.write_bytes(remote_log, f.read(), options)
     except storage.StorageError as exc:  # the job's own outcome matters more; keep the file
         say(f"warning: cannot copy Ray's log to {storage.redact(remote_log)} ({exc}); "
             f"it stays at {local_log}")
