@@ -123,24 +123,33 @@ class RayNodes:
         self._wait_for_job_server()
 
     def add_node(self, name: str, num_cpus: int = 2) -> None:
-        """A worker node with a custom resource named after it (to place work on it).
+        """A worker node with a custom resource named after it (to place work on it)."""
+        self.add_nodes(name, num_cpus=num_cpus)
+
+    def add_nodes(self, *names: str, num_cpus: int = 2) -> None:
+        """Worker nodes started together (each joins in its own time), then awaited in turn.
 
         `ray start` gives up when its raylet has not registered with the GCS within 30 s (a
         constant in Ray's node.py), which a loaded 2-core machine can exceed: the failed
-        attempt's processes are killed and the node is started once more.
+        attempt's processes are killed and that node is started once more.
         """
-        for attempt in (1, 2):
-            process = self._start(name, [
-                "--address", self.gcs_address, "--num-cpus", str(num_cpus), "--num-gpus", "0",
-                "--object-store-memory", "150000000", "--resources", json.dumps({name: 1})])
-            try:
-                self._wait_for(lambda: name in self.alive_node_resources(),
-                               f"node {name} to join", log=name, process=process)
-                return
-            except TimeoutError:
-                if attempt == 2 or process.poll() is None:
-                    raise
-                self.kill_node(name)
+        started = {name: self._start_worker(name, num_cpus) for name in names}
+        for name, process in started.items():
+            for attempt in (1, 2):
+                try:
+                    self._wait_for(lambda n=name: n in self.alive_node_resources(),
+                                   f"node {name} to join", log=name, process=process)
+                    break
+                except TimeoutError:
+                    if attempt == 2 or process.poll() is None:
+                        raise
+                    self.kill_node(name)
+                    process = self._start_worker(name, num_cpus)
+
+    def _start_worker(self, name: str, num_cpus: int) -> subprocess.Popen:
+        return self._start(name, [
+            "--address", self.gcs_address, "--num-cpus", str(num_cpus), "--num-gpus", "0",
+            "--object-store-memory", "150000000", "--resources", json.dumps({name: 1})])
 
     def kill_node(self, name: str) -> None:
         """SIGKILL a worker node: its `ray start` session and every process it started."""

@@ -38,17 +38,14 @@ SPREAD = ["--num-workers", "2", "--placement-strategy", "STRICT_SPREAD", "--cpus
 @pytest.fixture(scope="module")
 def nodes():
     with ray_nodes() as cluster:
-        for name in WORKER_NODES:
-            cluster.add_node(name)
+        cluster.add_nodes(*WORKER_NODES)
         yield cluster
 
 
 @pytest.fixture
 def cluster(nodes):
     """The module's cluster with both worker nodes alive, whatever the last test killed."""
-    for name in WORKER_NODES:
-        if name not in nodes.nodes:
-            nodes.add_node(name)
+    nodes.add_nodes(*(name for name in WORKER_NODES if name not in nodes.nodes))
     yield nodes
     for name in [n for n in nodes.nodes if n not in ("head", *WORKER_NODES)]:
         nodes.kill_node(name)  # replacement nodes a test added
