@@ -1,11 +1,13 @@
 """The whole benchmark suite in one run, on real images, with a Markdown summary.
 
     python -m bench [--data ../shared/data/brain-tumor-mri/Training] [--out bench-results.json]
-                    [--quick] [--time-to-accuracy RUN_DIR] [--archives]
+                    [--quick] [--time-to-accuracy RUN_DIR] [--archives] [--history]
 
 Runs (1) bench.compute, (2)+(3) bench.training, (4) bench.scoring, (5) bench.scaling and, with
 --time-to-accuracy, (6) bench.time_to_accuracy (trains if RUN_DIR has no finished run), and with
---archives, (7) bench.archives (a 300 MiB and a 3 GiB tar on a moto S3 server). Every
+--archives, (7) bench.archives (a 300 MiB and a 3 GiB tar on a moto S3 server), and with
+--history, (8) bench.history on a moto S3 server (finding what is already scored after 100 runs
+of 1,000 rows against 1 run of 100,000). Every
 figure and its reference are measured side by side in this run; the training and scoring jobs
 and their baselines run twice each, alternately, and are averaged. About 25 minutes on 2 cores
 (--quick: about 8, smaller sizes and shorter timings, for checking the suite works). Nothing
@@ -22,11 +24,11 @@ import platform
 
 import torch
 
-from bench import archives, compute, scaling, scoring, time_to_accuracy, training
+from bench import archives, compute, history, scaling, scoring, time_to_accuracy, training
 from bench.common import DEFAULT_DATA
 
 TARGETS = {"train_step": 3.0, "pipeline": 0.9, "peer": 1.0, "score_limit": 0.9,
-           "score_plain": 1.0, "flat": 0.10}
+           "score_plain": 1.0, "flat": 0.10, "history_flat": 1.5}
 
 
 def _row(name: str, ours: str, reference: str, value: float | None, target: str,
@@ -127,12 +129,23 @@ def _archive_rows(a: dict) -> list[str]:
     return rows
 
 
+def _history_rows(h: dict) -> list[str]:
+    many, one = h["many_runs"], h["one_run"]
+    growth = round(many["index_lookup_s"] / max(one["index_lookup_s"], 1e-9), 2)
+    return [_row(f"(8) finding what is already scored, {many['runs']} runs vs 1 run of "
+                 f"{many['keys']:,} rows, s",
+                 f"{many['index_lookup_s']} / {one['index_lookup_s']}",
+                 f"reading every published file: {many['reading_every_published_file_s']} / "
+                 f"{one['reading_every_published_file_s']}", growth,
+                 f"<= {TARGETS['history_flat']}", growth <= TARGETS["history_flat"])]
+
+
 def summary_table(results: dict) -> str:
     rows = ["| benchmark | brainray | reference | ratio | target | |",
             "|---|---|---|---|---|---|"]
     parts = {"compute": _compute_rows, "training": _training_rows, "scoring": _scoring_rows,
              "scaling": _scaling_rows, "time_to_accuracy": _time_to_accuracy_rows,
-             "archives": _archive_rows}
+             "archives": _archive_rows, "history": _history_rows}
     for key, rows_of in parts.items():
         if results.get(key):
             rows += rows_of(results[key])
@@ -148,6 +161,8 @@ def main() -> None:
     parser.add_argument("--time-to-accuracy", metavar="RUN_DIR", default=None)
     parser.add_argument("--archives", action="store_true",
                         help="also (7): score tars on a moto S3 server (3 GiB: long, ~7 GB disk)")
+    parser.add_argument("--history", action="store_true",
+                        help="also (8): the already-scored lookup vs the output's history (S3)")
     args = parser.parse_args()
     seconds = "5" if args.quick else "15"
     results: dict = {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -175,6 +190,9 @@ def main() -> None:
         results["archives"] = archives.main(
             ["--data", args.data, "--out", os.path.splitext(args.out)[0] + "-archives.json"]
             + (["--sizes-mib", "40", "200"] if args.quick else []))
+    if args.history:
+        results["history"] = history.main(
+            ["--s3"] + (["--runs", "10", "--rows", "200"] if args.quick else []))
     results["summary"] = summary_table(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

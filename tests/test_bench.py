@@ -121,6 +121,22 @@ def test_summary_table_marks_met_and_missed_targets():
     assert row["(6) time to the paper's 96.88% test accuracy"].endswith("| **missed** |")
 
 
+def _history(many_s: float) -> dict:
+    return {"many_runs": {"runs": 100, "rows_per_run": 1000, "keys": 100000,
+                          "index_lookup_s": many_s, "reading_every_published_file_s": 3.5},
+            "one_run": {"runs": 1, "rows_per_run": 100000, "keys": 100000,
+                        "index_lookup_s": 0.14, "reading_every_published_file_s": 0.12}}
+
+
+def test_summary_table_history_row_is_met_while_the_lookup_stays_flat():
+    (flat,) = summary_table({"history": _history(0.15)}).splitlines()[2:]
+    assert flat.startswith("| (8) finding what is already scored, 100 runs vs 1 run of "
+                           "100,000 rows, s | 0.15 / 0.14 | reading every published file: "
+                           "3.5 / 0.12 | 1.07 |") and flat.endswith("| met |")
+    (grown,) = summary_table({"history": _history(3.0)}).splitlines()[2:]
+    assert grown.endswith("| **missed** |")
+
+
 def test_gpu_check_without_cuda_says_so_and_fails(tmp_path, monkeypatch):
     from bench import gpu_check
 
