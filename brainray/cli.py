@@ -732,8 +732,7 @@ def _copy_log(local_log: str, remote_log: str, options) -> None:
 
     try:
         if os.path.exists(local_log):
-            with open(local_log, "rb") as f:
-                storage.write_bytes(remote_log, f.read(), options)
+            storage.copy_file(local_log, remote_log, options)  # streamed: a log can be large
     except storage.StorageError as exc:  # the job's own outcome matters more; keep the file
         say(f"warning: cannot copy Ray's log to {storage.redact(remote_log)} ({exc}); "
             f"it stays at {local_log}")
