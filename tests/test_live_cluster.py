@@ -127,17 +127,24 @@ def _registered_checkpoints(s3, bucket: str, prefix: str) -> int:
     return len(snapshot.get("checkpoint_results", []))
 
 
-def _wait_for_checkpoint(s3, bucket: str, prefix: str, job_id: str, cluster) -> None:
+def _wait_while_running(cluster, job_id: str, ready, what: str) -> None:
+    """Poll `ready()` until it holds; fail with the job's logs if the job ends first, or with
+    `what` after JOB_TIMEOUT_S."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard_url)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
-        if _registered_checkpoints(s3, bucket, prefix):
+        if ready():
             return
         assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)
         time.sleep(0.5)
-    pytest.fail("no checkpoint was registered")
+    pytest.fail(what)
+
+
+def _wait_for_checkpoint(s3, bucket: str, prefix: str, job_id: str, cluster) -> None:
+    _wait_while_running(cluster, job_id, lambda: _registered_checkpoints(s3, bucket, prefix),
+                        "no checkpoint was registered")
 
 
 def _node_of_a_training_worker(cluster) -> str:
@@ -149,14 +156,9 @@ def _node_of_a_training_worker(cluster) -> str:
 
 
 def _wait_for_workers(cluster, job_id: str) -> None:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(cluster.dashboard_url)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while len(cluster.actor_nodes("RayTrainWorker", state="ALIVE")) < 2:
-        assert time.monotonic() < deadline, "the training workers did not start"
-        assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)
-        time.sleep(0.5)
+    _wait_while_running(
+        cluster, job_id, lambda: len(cluster.actor_nodes("RayTrainWorker", state="ALIVE")) >= 2,
+        "the training workers did not start")
 
 
 def _train_until_killed(cluster, s3, bucket, endpoint, name: str, extra: list[str],
