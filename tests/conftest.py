@@ -9,8 +9,11 @@ import io
 import os
 import re
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -82,6 +85,19 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
+def pytest_itemcollected(item):
+    """The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject's addopts):
+    the tests of the shared local Ray cluster stay together on one worker (one cluster, its
+    session fixtures built once), the multi-node module on the other, whose jobs spend much of
+    their time waiting on Ray (node start-up, failure detection, restarts); the pure tests fill
+    both. (Marked as each test is collected: pytest-xdist reads the marks in its own
+    pytest_collection_modifyitems, which runs before a conftest's.)"""
+    if item.get_closest_marker("cluster"):
+        item.add_marker(pytest.mark.xdist_group("cluster"))
+    elif "ray_cluster" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def pytest_configure(config):
     # Read by Ray Data when it is first imported, so it is set before any test module loads:
     # a stuck pipeline then fails its test in two minutes instead of hanging CI for thirty.
@@ -148,18 +164,35 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def trained_run(ray_cluster, tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder, run directory) of one tiny finished training run, shared by the tests that
-    only read a run (a fit costs ~30 s of Ray Train start-up alone): 8 images per class, one
-    epoch, target accuracy 0.9. Tests write their own outputs elsewhere and never modify it."""
-    from brainray.cli import run
+def brainray_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    """`brainray ARGS` in a subprocess on a pipe (as in CI, cron or `ray job logs`), joined to
+    the session's cluster as to a user's `ray start` one: a fresh local Ray per command would
+    add a start-up on 2 CPUs and nothing brainray's console decides."""
+    import ray
 
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return subprocess.run([sys.executable, "-c", "from brainray.cli import main; main()", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+class TrainedRun(NamedTuple):
+    data: Path
+    run_dir: Path
+    console: subprocess.CompletedProcess  # what `brainray train` printed
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, tmp_path_factory) -> TrainedRun:
+    """One tiny finished training run, shared by the tests that only read a run or its console
+    (a fit costs ~30 s of Ray Train start-up alone): 8 images per class, two epochs, target
+    accuracy 0.9, run as a user runs it. Tests write their own outputs elsewhere and never
+    modify it."""
     root = tmp_path_factory.mktemp("trained")
     data, run_dir = write_tree(root / "data", tiny_dataset_files(per_class=8)), root / "run"
-    assert run(["train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "1",
-                "--target-accuracy", "0.9", *FAST]) == 0
-    return data, run_dir
+    console = brainray_cli("train", "--data", str(data), "--run-dir", str(run_dir), "--epochs",
+                           "2", "--target-accuracy", "0.9", *FAST, cwd=root)
+    assert console.returncode == 0, console.stderr[-2000:]
+    return TrainedRun(data, run_dir, console)
 
 
 @pytest.fixture

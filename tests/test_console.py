@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 
 import pytest
 
 from brainray import console as console_module
 from brainray.console import Console, EventPump, Events, captured, say
-from tests.conftest import FAST, tiny_dataset_files, write_tree
+from tests.conftest import brainray_cli, tiny_dataset_files, write_tree
 
 
 class _Terminal(io.StringIO):
@@ -105,35 +103,22 @@ RAY_NOISE = ("logging_progress", "Active & requested resources", "core_worker.cc
              "tqdm is not installed", "RayDeprecationWarning", "(RayTrainWorker", "(MapWorker")
 
 
-def _brainray(*args: str, cwd) -> subprocess.CompletedProcess:
-    # The session's cluster, as a user's `ray start` one: a fresh local Ray per command added
-    # two start-ups on 2 CPUs (~55 s of this test) and nothing brainray's console decides
-    import ray
-
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    return subprocess.run([sys.executable, "-c", "from brainray.cli import main; main()", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
-def test_the_console_of_train_and_score_shows_brainrays_lines_and_not_rays(ray_cluster,
+def test_the_console_of_train_and_score_shows_brainrays_lines_and_not_rays(trained_run,
                                                                           tmp_path):
-    # Given a tiny labeled folder and a small folder to score (the console is the same at any
-    # size; the embedded sample's default run is README command 1)
-    run_dir = tmp_path / "run"
-    data = write_tree(tmp_path / "data", tiny_dataset_files(per_class=8))
+    # Given `brainray train` of 2 epochs on a tiny folder, run from a shell as a user would
+    # (the session's shared run: the console is the same at any size, and the embedded
+    # sample's default run is README command 1), and a small folder to score
+    train, run_dir = trained_run.console, trained_run.run_dir
     inputs = write_tree(tmp_path / "in", {k: v for k, v in tiny_dataset_files(2).items()})
 
-    # When training 2 epochs and scoring, as a user would from a shell
-    train = _brainray("train", "--data", str(data), "--run-dir", str(run_dir), "--epochs", "2",
-                      *FAST, cwd=tmp_path)
-    score = _brainray("score", "--model", str(run_dir), "--input", str(inputs), "--output",
-                      str(tmp_path / "scores"), cwd=tmp_path)
+    # When scoring it, also from a shell
+    score = brainray_cli("score", "--model", str(run_dir), "--input", str(inputs), "--output",
+                         str(tmp_path / "scores"), cwd=tmp_path)
 
     # Then each console holds brainray's own lines: the log's place, one line per epoch, the
     # final summary; and none of Ray's dumps, warnings or worker echoes
-    assert train.returncode == 0, train.stderr[-2000:]
     assert score.returncode == 0, score.stderr[-2000:]
     lines = train.stdout.splitlines()
     assert lines[0].startswith(f"Ray's own output goes to {run_dir}/logs/train-")

@@ -557,8 +557,8 @@ def _page_of(path: Path) -> PageReader:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_training_run_and_an_evaluation_write_their_report_html(trained_run, tmp_path):
-    # Given a one-epoch run at 32 px (fixture)
-    _, run_dir = trained_run
+    # Given a two-epoch run at 32 px (fixture)
+    run_dir = trained_run.run_dir
     eval_dir = tmp_path / "eval"
     # When its model is evaluated on the embedded sample
     assert cli.run(["evaluate", "--model", str(run_dir), "--data", sample_data_dir(),

@@ -30,7 +30,7 @@ PROBE_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 420
 PER_CLASS = 8
 WORKER_NODES = ("node_a", "node_b")
-EPOCHS = 8  # long enough that the kill, soon after the first checkpoint, lands mid-run
+EPOCHS = 5  # the kill, soon after the first checkpoint, lands with 3+ epochs (5-9 s each) to go
 SPREAD = ["--num-workers", "2", "--placement-strategy", "STRICT_SPREAD", "--cpus-per-worker",
           "0.5", "--torch-threads", "1", "--no-gpu"]
 
@@ -188,7 +188,7 @@ def _train_until_killed(cluster, s3, bucket, endpoint, name: str, extra: list[st
 
 def test_training_survives_losing_a_node_and_resumes_from_the_checkpoint(
         cluster, s3_bucket, s3_endpoint):
-    # Given an 8-epoch run whose two workers sit on the two worker nodes
+    # Given a 5-epoch run whose two workers sit on the two worker nodes
     s3, bucket = s3_bucket
     # When, after its first checkpoint, the node of one worker is killed and a new node joins
     job, split, killed_at = _train_until_killed(cluster, s3, bucket, s3_endpoint, "lost",
@@ -252,9 +252,10 @@ def test_scoring_survives_losing_a_node_with_every_image_exactly_once(
     cluster.kill_node(alive[cluster.actor_nodes("Scorer", state="ALIVE")[0]])
     cluster.add_node("node_c")
     first, logs = _wait(cluster, job)
-    # Then the run completes or fails cleanly, and a rerun completes
+    # Then the run completes, or fails cleanly and the next run completes
     assert first in ("SUCCEEDED", "FAILED"), logs[-3000:]
-    _run(cluster, score)
+    if first == "FAILED":
+        _run(cluster, score)
     # and every image is in the published output exactly once
     rows = _scores(s3, bucket, "out")
     keys = rows.groupby(["content_sha256", "uri"], dropna=False).size()

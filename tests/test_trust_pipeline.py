@@ -21,8 +21,8 @@ from tests.test_ood import colour_photo
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_trained_run_is_calibrated_checked_and_scored_with_its_guards(trained_run, tmp_path):
-    # Given a tiny labeled dataset, When training one epoch with target accuracy 0.9 (fixture)
-    data, run_dir = trained_run
+    # Given a tiny labeled dataset, When training two epochs with target accuracy 0.9 (fixture)
+    data, run_dir = trained_run.data, trained_run.run_dir
 
     # Then metrics.json has calibration and abstention, with plots and a model card
     metrics = json.loads((run_dir / "metrics.json").read_text())
