@@ -90,8 +90,8 @@ def pytest_itemcollected(item):
     the tests of the shared local Ray cluster stay together on one worker (one cluster, its
     session fixtures built once), the multi-node module on the other, whose jobs spend much of
     their time waiting on Ray (node start-up, failure detection, restarts); the pure tests fill
-    both. (Marked as each test is collected: pytest-xdist reads the marks in its own
-    pytest_collection_modifyitems, which runs before a conftest's.)"""
+    both. (Marked as each test is collected, before any plugin's
+    pytest_collection_modifyitems, where pytest-xdist reads the marks.)"""
     if item.get_closest_marker("cluster"):
         item.add_marker(pytest.mark.xdist_group("cluster"))
     elif "ray_cluster" in getattr(item, "fixturenames", ()):
